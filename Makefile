@@ -1,0 +1,42 @@
+# `make run`: create .venv, install, reproduce the pipeline on the active profile (params.yaml).
+# `make test`: create .venv, install, run the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+# The torch pin is passed to every pip call so that no dependency pulls another build (override on GPU machines).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: run test install bench clean
+
+run: $(STAMP)
+	dvc repro
+
+test: $(STAMP)
+	python -m pytest
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip $(TORCH_SPEC)
+	$(VENV)/bin/python -m pip install -q $(TORCH_SPEC) -e ".[test]"
+	touch $@
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do python $$b || exit 1; done
+
+clean:
+	rm -rf data/zoo data/prepared data/work data/i2t data/t2i data/pairs reports/samples mlruns mlflow.db

@@ -1,0 +1,111 @@
+"""Captioner adapter (F: image -> text) over transformers image-text-to-text models."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from cyclepref.config import CaptionerSpec
+from cyclepref.models import load_failed, locate
+from cyclepref.runtime import torch_dtype
+
+DETAILED = "Write a detailed description of the given image."
+DEFAULT_PROMPTS = {
+    "llava": DETAILED,
+    "llava_next": DETAILED,
+    "llava_onevision": DETAILED,
+    "qwen2_vl": DETAILED,
+    "internvl": "Please describe the image in detail.",
+    "blip2": "this is a picture of",
+    "blip": "this is a picture of",
+}
+PREFIX_FAMILIES = {"blip", "blip2"}
+
+_WS = re.compile(r"\s+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
+
+
+def clean_caption(text: str) -> str:
+    """PAPER.md §2: remove `**` and double quotes, collapse white space; control characters never belong in a
+    caption and are removed as well."""
+    text = _CONTROL.sub("", text.replace("**", "").replace('"', ""))
+    return _WS.sub(" ", text).strip()
+
+
+def prompt_for(spec: CaptionerSpec) -> str:
+    return spec.prompt if spec.prompt is not None else DEFAULT_PROMPTS[spec.family]
+
+
+class Captioner:
+    """Batched greedy (or seeded sampled) captioning with left padding; one model load per instance."""
+
+    def __init__(self, spec: CaptionerSpec, device: str = "cpu"):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.spec, self.device = spec, device
+        self.prompt = prompt_for(spec)
+        path = locate(spec.path)
+        kw = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        try:
+            self.processor = AutoProcessor.from_pretrained(path, **kw)
+            if spec.family == "blip":
+                from transformers import BlipForConditionalGeneration as cls
+            elif spec.family == "blip2":
+                from transformers import Blip2ForConditionalGeneration as cls
+            else:
+                cls = AutoModelForImageTextToText
+            self.model = cls.from_pretrained(path, dtype=torch_dtype(spec.dtype, device), **kw).to(device).eval()
+        except Exception as err:
+            raise load_failed(spec.path, err) from err
+        self.tokenizer = getattr(self.processor, "tokenizer", None)
+        if self.tokenizer is not None:
+            self.tokenizer.padding_side = "left"
+        self._text = self._chat_text() if spec.family not in PREFIX_FAMILIES else self.prompt
+
+    def _chat_text(self) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        batch_size: int = 8,
+        sample: dict | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[str]:
+        """Raw (uncleaned) captions, one per image. `sample` = generate kwargs for sampling (e.g. temperature);
+        sampling is seeded per item from `seeds`, so an item's caption does not depend on its batch."""
+        out: list[str] = []
+        for start in range(0, len(images), batch_size):
+            batch = [im.convert("RGB") for im in images[start : start + batch_size]]
+            if sample is None:
+                out += self._generate(batch, {"do_sample": False})
+            else:
+                if seeds is None:
+                    raise ValueError("sampling needs one seed per image")
+                for i, im in enumerate(batch):
+                    torch.manual_seed(int(seeds[start + i]))
+                    out += self._generate([im], {"do_sample": True, **sample})
+        return out
+
+    def _generate(self, batch: list[Image.Image], gen: dict) -> list[str]:
+        inputs = self.processor(images=batch, text=[self._text] * len(batch), return_tensors="pt", padding=True)
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        ids = self.model.generate(**inputs, max_new_tokens=self.spec.max_new_tokens, **gen)
+        if not self.model.config.is_encoder_decoder and self.spec.family != "blip":
+            ids = ids[:, inputs["input_ids"].shape[1] :]
+        texts = self.processor.batch_decode(ids, skip_special_tokens=True)
+        if self.spec.family in PREFIX_FAMILIES:
+            texts = [_strip_prefix(t, self.prompt) for t in texts]
+        return texts
+
+
+def _strip_prefix(text: str, prefix: str) -> str:
+    t = text.strip()
+    return t[len(prefix) :].strip() if t.lower().startswith(prefix.lower()) else t

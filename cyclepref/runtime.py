@@ -1,0 +1,35 @@
+"""Runtime settings: read from the environment, never from params, so switching CPU <-> GPU keeps the DVC cache.
+
+CYCLEPREF_DEVICE   cpu | cuda | cuda:N | auto (default: cuda when available)
+CYCLEPREF_ENGINE   local (default) | ray  — where the GPU stages run their batches
+CYCLEPREF_MLFLOW_URI  tracking URI (default: sqlite:///mlflow.db in the project root)
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def device() -> str:
+    want = os.environ.get("CYCLEPREF_DEVICE", "auto")
+    if want != "auto":
+        return want
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_dtype(name: str, device_name: str):
+    """The params dtype on an accelerator; float32 on CPU (half precision is slow or unsupported there)."""
+    import torch
+
+    if device_name == "cpu":
+        return torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def engine() -> str:
+    value = os.environ.get("CYCLEPREF_ENGINE", "local")
+    if value not in ("local", "ray"):
+        raise ValueError(f"CYCLEPREF_ENGINE must be 'local' or 'ray', got {value!r}")
+    return value

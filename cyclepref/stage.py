@@ -1,0 +1,37 @@
+"""The common frame of a stage entry point: load params, open the MLflow run, run, log and print the summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cyclepref.config import Params, ParamsError, load_params
+
+log = logging.getLogger("cyclepref")
+
+
+def main(stage: str, run: Callable[[Params, Path], dict], params_path: str = "params.yaml") -> dict:
+    """Run `run(params, root)` for one stage inside its MLflow run; exit 2 on a params error."""
+    logging.basicConfig(level=os.environ.get("CYCLEPREF_LOG_LEVEL", "INFO"), format="%(levelname)s %(message)s")
+    root = Path.cwd()
+    try:
+        params = load_params(root / params_path)
+    except ParamsError as err:
+        print(f"{stage}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from cyclepref.tracking import stage_run
+
+    started = time.perf_counter()
+    with stage_run(stage, getattr(params, stage, None), params.profile) as mlrun:
+        summary = run(params, root)
+        summary["seconds"] = round(time.perf_counter() - started, 2)
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
+        summary["mlflow_run_id"] = mlrun.info.run_id
+    print(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if k != "mlflow_run_id"))
+    return summary

@@ -1,0 +1,98 @@
+"""Tables on disk: schema-checked parquet, written atomically (temporary name, then rename), plus manifests.
+
+Tables are written through pyarrow without pandas metadata and with fixed writer options, so the same rows in
+the same order give byte-identical files (resume and reruns are checked against that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class SchemaError(ValueError):
+    """A table that does not match its declared schema."""
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it over `path`, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def conform(table: pa.Table, schema: pa.Schema, name: str) -> pa.Table:
+    """Check that `table` has exactly the schema's columns with castable types and no nulls in non-null fields."""
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    extra = [c for c in table.column_names if c not in schema.names]
+    if missing or extra:
+        raise SchemaError(f"{name}: columns differ from schema (missing {missing}, unexpected {extra})")
+    table = table.select(schema.names)
+    try:
+        table = table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise SchemaError(f"{name}: cannot cast to schema: {err}") from None
+    for field in schema:
+        if not field.nullable and table.column(field.name).null_count:
+            raise SchemaError(f"{name}: column {field.name!r} has {table.column(field.name).null_count} null(s)")
+    return table
+
+
+def write_table(table: pa.Table, path: str | Path, schema: pa.Schema | None = None) -> Path:
+    """Write one parquet file atomically; validate against `schema` when given."""
+    path = Path(path)
+    if schema is not None:
+        table = conform(table, schema, str(path))
+    table = table.replace_schema_metadata(None)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", write_statistics=False, store_schema=True)
+    return path
+
+
+def read_table(path: str | Path, schema: pa.Schema | None = None) -> pa.Table:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: table not found (has the stage that writes it run? try `dvc repro`)")
+    table = pq.read_table(path)
+    return conform(table, schema, str(path)) if schema is not None else table
+
+
+def write_json(obj: object, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(out_dir: str | Path, files: list[Path], **extra: object) -> Path:
+    """manifest.json: every file's size and sha256 plus stage-specific counts."""
+    out_dir = Path(out_dir)
+    entries = {
+        str(Path(f).relative_to(out_dir)): {"bytes": Path(f).stat().st_size, "sha256": file_digest(f)} for f in files
+    }
+    return write_json({"files": entries, **extra}, out_dir / "manifest.json")

@@ -1,0 +1,118 @@
+"""Schemas of the tables that flow between stages (the data contracts), and where each stage writes them.
+
+prepare_inputs   data/prepared/inputs.parquet          INPUTS (cyclepref.inputs)
+generate_i2t     data/i2t/candidates.parquet           I2T_CANDIDATES   one caption per (input, captioner)
+reconstruct_i2t  data/i2t/reconstructions.parquet      I2T_RECONSTRUCTIONS  one image per distinct caption of an input
+score_i2t        data/i2t/scores.parquet               SCORES (task = "i2t")
+generate_t2i     data/t2i/candidates.parquet           T2I_CANDIDATES   one image per (prompt, model, seed)
+reconstruct_t2i  data/t2i/reconstructions.parquet      T2I_RECONSTRUCTIONS  one back-caption per candidate image
+score_t2i        data/t2i/scores.parquet               SCORES (task = "t2i")
+build_pairs      data/pairs/pairs.parquet              PAIRS
+Images are PNG bytes inside the tables.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+
+def _f(name: str, typ: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, typ, nullable=nullable)
+
+
+I2T_CANDIDATES = pa.schema(
+    [
+        _f("candidate_id", pa.string()),
+        _f("input_id", pa.string()),
+        _f("model", pa.string()),
+        _f("prompt", pa.string()),
+        _f("seed", pa.int64()),
+        _f("gen_hash", pa.string()),
+        _f("raw_text", pa.string()),
+        _f("text", pa.string()),
+        _f("text_key", pa.string()),
+    ]
+)
+"""text = cleaned caption; text_key = hash(input_id, text.strip().lower()) — identical captions of one input share it."""
+
+I2T_RECONSTRUCTIONS = pa.schema(
+    [
+        _f("text_key", pa.string()),
+        _f("input_id", pa.string()),
+        _f("text", pa.string()),
+        _f("model", pa.string()),
+        _f("seed", pa.int64()),
+        _f("gen_hash", pa.string()),
+        _f("image", pa.binary()),
+    ]
+)
+
+T2I_CANDIDATES = pa.schema(
+    [
+        _f("candidate_id", pa.string()),
+        _f("input_id", pa.string()),
+        _f("model", pa.string()),
+        _f("prompt", pa.string()),
+        _f("seed", pa.int64()),
+        _f("gen_hash", pa.string()),
+        _f("image", pa.binary()),
+    ]
+)
+
+T2I_RECONSTRUCTIONS = pa.schema(
+    [
+        _f("candidate_id", pa.string()),
+        _f("input_id", pa.string()),
+        _f("model", pa.string()),
+        _f("gen_hash", pa.string()),
+        _f("raw_text", pa.string()),
+        _f("text", pa.string()),
+    ]
+)
+
+SCORES = pa.schema(
+    [
+        _f("task", pa.string()),
+        _f("input_id", pa.string()),
+        _f("candidate_id", pa.string()),
+        _f("model", pa.string()),
+        _f("text", pa.string(), nullable=True),
+        _f("score", pa.float64()),
+        _f("metric", pa.string()),
+        _f("direction", pa.string()),
+    ]
+)
+"""One row per candidate. `text` is the candidate caption (i2t) or null (t2i); `score` is the raw metric value
+(a distance when direction = "lower"); compare scores only through cyclepref.scoring.oriented."""
+
+PAIRS = pa.schema(
+    [
+        _f("pair_id", pa.string()),
+        _f("task", pa.string()),
+        _f("input_id", pa.string()),
+        _f("preferred_id", pa.string()),
+        _f("rejected_id", pa.string()),
+        _f("preferred_model", pa.string()),
+        _f("rejected_model", pa.string()),
+        _f("preferred_score", pa.float64()),
+        _f("rejected_score", pa.float64()),
+        _f("margin", pa.float64()),
+        _f("metric", pa.string()),
+        _f("direction", pa.string()),
+        _f("split", pa.string()),
+    ]
+)
+"""margin = |preferred_score - rejected_score| (> 0); split in {train, valid, test}; all pairs of one input share
+a split. preferred_id / rejected_id are candidate_ids of the task's candidates table."""
+
+PATHS = {
+    "inputs": "data/prepared/inputs.parquet",
+    "quarantine": "data/prepared/quarantine.parquet",
+    "i2t_candidates": "data/i2t/candidates.parquet",
+    "i2t_reconstructions": "data/i2t/reconstructions.parquet",
+    "i2t_scores": "data/i2t/scores.parquet",
+    "t2i_candidates": "data/t2i/candidates.parquet",
+    "t2i_reconstructions": "data/t2i/reconstructions.parquet",
+    "t2i_scores": "data/t2i/scores.parquet",
+    "pairs": "data/pairs/pairs.parquet",
+}
