@@ -16,7 +16,8 @@ log = logging.getLogger("cyclepref")
 
 def main(stage: str, run: Callable[[Params, Path], dict], params_path: str = "params.yaml") -> dict:
     """Run `run(params, root)` for one stage inside its MLflow run; exit 2 on a params error."""
-    logging.basicConfig(level=os.environ.get("CYCLEPREF_LOG_LEVEL", "INFO"), format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(os.environ.get("CYCLEPREF_LOG_LEVEL", "INFO"))
     root = Path.cwd()
     try:
         params = load_params(root / params_path)

@@ -90,9 +90,9 @@ def file_digest(path: str | Path) -> str:
 
 
 def write_manifest(out_dir: str | Path, files: list[Path], **extra: object) -> Path:
-    """manifest.json: every file's size and sha256 plus stage-specific counts."""
+    """_manifest.json (underscore: parquet dataset readers skip it): every file's size and sha256 plus counts."""
     out_dir = Path(out_dir)
     entries = {
         str(Path(f).relative_to(out_dir)): {"bytes": Path(f).stat().st_size, "sha256": file_digest(f)} for f in files
     }
-    return write_json({"files": entries, **extra}, out_dir / "manifest.json")
+    return write_json({"files": entries, **extra}, out_dir / "_manifest.json")

@@ -1,14 +1,15 @@
 """Schemas of the tables that flow between stages (the data contracts), and where each stage writes them.
 
 prepare_inputs   data/prepared/inputs.parquet          INPUTS (cyclepref.inputs)
-generate_i2t     data/i2t/candidates.parquet           I2T_CANDIDATES   one caption per (input, captioner)
-reconstruct_i2t  data/i2t/reconstructions.parquet      I2T_RECONSTRUCTIONS  one image per distinct caption of an input
-score_i2t        data/i2t/scores.parquet               SCORES (task = "i2t")
-generate_t2i     data/t2i/candidates.parquet           T2I_CANDIDATES   one image per (prompt, model, seed)
-reconstruct_t2i  data/t2i/reconstructions.parquet      T2I_RECONSTRUCTIONS  one back-caption per candidate image
-score_t2i        data/t2i/scores.parquet               SCORES (task = "t2i")
-build_pairs      data/pairs/pairs.parquet              PAIRS
-Images are PNG bytes inside the tables.
+generate_i2t     data/i2t/candidates/candidates.parquet  I2T_CANDIDATES   one caption per (input, captioner)
+reconstruct_i2t  data/i2t/reconstructions/part-*.parquet I2T_RECONSTRUCTIONS  one image per distinct caption of an input
+score_i2t        data/i2t/scores/scores.parquet          SCORES (task = "i2t")
+generate_t2i     data/t2i/candidates/part-*.parquet      T2I_CANDIDATES   one image per (prompt, model, seed)
+reconstruct_t2i  data/t2i/reconstructions/reconstructions.parquet  T2I_RECONSTRUCTIONS  one back-caption per image
+score_t2i        data/t2i/scores/scores.parquet          SCORES (task = "t2i")
+build_pairs      data/pairs/pairs.parquet                PAIRS
+Images are PNG bytes inside the tables; image tables are directories of shards (part-NNNNN.parquet, readable as
+one table with pyarrow.parquet.read_table(dir)); every output directory has a manifest.
 """
 
 from __future__ import annotations
@@ -108,11 +109,12 @@ a split. preferred_id / rejected_id are candidate_ids of the task's candidates t
 PATHS = {
     "inputs": "data/prepared/inputs.parquet",
     "quarantine": "data/prepared/quarantine.parquet",
-    "i2t_candidates": "data/i2t/candidates.parquet",
-    "i2t_reconstructions": "data/i2t/reconstructions.parquet",
-    "i2t_scores": "data/i2t/scores.parquet",
-    "t2i_candidates": "data/t2i/candidates.parquet",
-    "t2i_reconstructions": "data/t2i/reconstructions.parquet",
-    "t2i_scores": "data/t2i/scores.parquet",
+    "i2t_candidates": "data/i2t/candidates/candidates.parquet",
+    "i2t_quarantine": "data/i2t/candidates/quarantine.parquet",
+    "i2t_reconstructions": "data/i2t/reconstructions",
+    "i2t_scores": "data/i2t/scores/scores.parquet",
+    "t2i_candidates": "data/t2i/candidates",
+    "t2i_reconstructions": "data/t2i/reconstructions/reconstructions.parquet",
+    "t2i_scores": "data/t2i/scores/scores.parquet",
     "pairs": "data/pairs/pairs.parquet",
 }

@@ -69,3 +69,32 @@ def stage_run(stage: str, section: BaseModel | None, profile: str, extra_tags: d
             mlflow.log_params(flatten(section))
         yield run
         mlflow.log_metric("stage_seconds", time.perf_counter() - started)
+
+
+def log_examples(name: str, items: list[tuple[object | None, str]], thumb: int = 96) -> None:
+    """Log a grid of (image or None, caption) examples as `examples/<name>.png` plus the texts as JSON.
+    Does nothing outside an active MLflow run (stages called directly from tests)."""
+    import json
+    import tempfile
+    import textwrap
+
+    import mlflow
+    from PIL import Image, ImageDraw
+
+    if mlflow.active_run() is None or not items:
+        return
+    cols, text_h = 4, 60
+    rows = -(-len(items) // cols)
+    grid = Image.new("RGB", (cols * thumb, rows * (thumb + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (img, text) in enumerate(items):
+        x, y = (i % cols) * thumb, (i // cols) * (thumb + text_h)
+        if img is not None:
+            grid.paste(img.convert("RGB").resize((thumb, thumb)), (x, y))
+        lines = textwrap.wrap(text, width=thumb // 6)[:5]
+        draw.multiline_text((x + 2, y + thumb + 2), "\n".join(lines), fill="black", spacing=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        grid.save(f"{tmp}/{name}.png")
+        with open(f"{tmp}/{name}.json", "w") as f:
+            json.dump([t for _, t in items], f, indent=1)
+        mlflow.log_artifacts(tmp, artifact_path="examples")

@@ -1,6 +1,6 @@
 """Stage prepare_inputs: read the raw inputs, normalise them, quarantine bad ones.
 
-Outputs: data/prepared/inputs.parquet, data/prepared/quarantine.parquet, data/prepared/manifest.json.
+Outputs: data/prepared/inputs.parquet, data/prepared/quarantine.parquet, data/prepared/_manifest.json.
 """
 
 from __future__ import annotations

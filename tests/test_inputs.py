@@ -179,7 +179,7 @@ def test_prepare_inputs_stage_on_bundled_set(tmp_path):
     assert table.num_rows == 16 and table.column("caption").null_count == 0
     q = store.read_table(tmp_path / PATHS["quarantine"], inp.QUARANTINE_SCHEMA).to_pylist()
     assert q == [{"source": "images/broken.png", "reason": "not an image (cannot identify image file)"}]
-    manifest = json.loads((tmp_path / "data/prepared/manifest.json").read_text())
+    manifest = json.loads((tmp_path / "data/prepared/_manifest.json").read_text())
     assert manifest["counts"]["quarantined"] == 1 and set(manifest["files"]) == {"inputs.parquet", "quarantine.parquet"}
     first = (tmp_path / PATHS["inputs"]).read_bytes()
     prepare_inputs.run(params, tmp_path)

@@ -1,0 +1,27 @@
+"""Stage generate_i2t: every captioner captions every input image.
+
+Output: data/i2t/candidates/ (see cyclepref.tables). Logic: cyclepref.cycle.generate_i2t.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cyclepref import cycle, runtime, stage, tracking
+from cyclepref.config import Params, require
+
+
+def run(params: Params, root: Path) -> dict:
+    cfg = require(params.generate_i2t, "generate_i2t")
+    ctx = cycle.Context(root, runtime.device())
+    summary = cycle.generate_i2t(ctx, cfg.captioners, cfg.batch_size)
+    tracking.log_examples("generate_i2t", cycle.examples(ctx, "generate_i2t"))
+    return summary
+
+
+def main() -> None:
+    stage.main("generate_i2t", run)
+
+
+if __name__ == "__main__":
+    main()
