@@ -122,7 +122,7 @@ def write_sharded(ctx: Context, name: str, keys: list[str], schema: pa.Schema, m
 
 def generate_i2t(ctx: Context, captioners: list[CaptionerSpec], batch_size: int) -> dict:
     """Every captioner captions every input image (greedy). Captions empty after cleaning are quarantined."""
-    from cyclepref.models.captioner import Captioner, clean_caption, prompt_for
+    from cyclepref.models.captioner import clean_caption, make_captioner, prompt_for
 
     inputs = read_inputs(ctx, "image")
     ids = inputs.column("input_id").to_pylist()
@@ -142,7 +142,7 @@ def generate_i2t(ctx: Context, captioners: list[CaptionerSpec], batch_size: int)
         todo = work.todo([it["candidate_id"] for it in items])
         if not todo:
             continue
-        model = Captioner(_spec_at(ctx, spec), ctx.device)
+        model = make_captioner(_spec_at(ctx, spec), ctx.device)
         input_of = {it["candidate_id"]: it["input_id"] for it in items}
 
         def compute(keys: list[str], model=model, input_of=input_of) -> pa.Table:
@@ -321,7 +321,7 @@ def generate_t2i(ctx: Context, models: list[T2ISpec], seeds: list[int], batch_si
 
 def reconstruct_t2i(ctx: Context, spec: CaptionerSpec, batch_size: int) -> dict:
     """The backward captioner describes every candidate image (greedy)."""
-    from cyclepref.models.captioner import Captioner, clean_caption, prompt_for
+    from cyclepref.models.captioner import clean_caption, make_captioner, prompt_for
 
     gen_hash = captioner_hash(ctx, spec, prompt_for(spec))
     work = ctx.work("reconstruct_t2i", TEXT_ROWS)
@@ -336,7 +336,7 @@ def reconstruct_t2i(ctx: Context, spec: CaptionerSpec, batch_size: int) -> dict:
         if not todo:
             continue
         if model is None:
-            model = Captioner(_spec_at(ctx, spec), ctx.device)
+            model = make_captioner(_spec_at(ctx, spec), ctx.device)
         row = {k: i for i, k in enumerate(keys)}
 
         def compute(ks: list[str], shard=shard, row=row) -> pa.Table:

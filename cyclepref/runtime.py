@@ -2,6 +2,7 @@
 
 CYCLEPREF_DEVICE   cpu | cuda | cuda:N | auto (default: cuda when available)
 CYCLEPREF_ENGINE   local (default) | ray  — where the GPU stages run their batches
+CYCLEPREF_CAPTION_BACKEND  transformers (default) | vllm — captioning backend (vllm needs GPUs)
 CYCLEPREF_MLFLOW_URI  tracking URI (default: sqlite:///mlflow.db in the project root)
 """
 
@@ -32,4 +33,11 @@ def engine() -> str:
     value = os.environ.get("CYCLEPREF_ENGINE", "local")
     if value not in ("local", "ray"):
         raise ValueError(f"CYCLEPREF_ENGINE must be 'local' or 'ray', got {value!r}")
+    return value
+
+
+def caption_backend() -> str:
+    value = os.environ.get("CYCLEPREF_CAPTION_BACKEND", "transformers")
+    if value not in ("transformers", "vllm"):
+        raise ValueError(f"CYCLEPREF_CAPTION_BACKEND must be 'transformers' or 'vllm', got {value!r}")
     return value

@@ -286,3 +286,19 @@ def test_score_direction_is_honoured():
     assert list(oriented(distance, "lower")) == [-0.2, -0.5]
     with pytest.raises(ValueError, match="unknown score direction"):
         oriented([1.0], "up")  # type: ignore[arg-type]
+
+
+def test_vllm_backend_is_selected_by_runtime_setting_and_fails_clearly_without_vllm(zoo, monkeypatch):
+    import importlib.util
+
+    from cyclepref.models import ModelLoadError
+    from cyclepref.models.captioner import Captioner, make_captioner
+
+    assert isinstance(make_captioner(llava(zoo)), Captioner)
+    monkeypatch.setenv("CYCLEPREF_CAPTION_BACKEND", "vllm")
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ModelLoadError, match="pip install vllm"):
+            make_captioner(llava(zoo))
+    monkeypatch.setenv("CYCLEPREF_CAPTION_BACKEND", "tensorrt")
+    with pytest.raises(ValueError, match="CYCLEPREF_CAPTION_BACKEND must be"):
+        make_captioner(llava(zoo))

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from cyclepref.config import CaptionerSpec
-from cyclepref.models import load_failed, locate
+from cyclepref.models import ModelLoadError, load_failed, locate
 from cyclepref.runtime import torch_dtype
 
 DETAILED = "Write a detailed description of the given image."
@@ -109,3 +109,54 @@ class Captioner:
 def _strip_prefix(text: str, prefix: str) -> str:
     t = text.strip()
     return t[len(prefix) :].strip() if t.lower().startswith(prefix.lower()) else t
+
+
+class VllmCaptioner:
+    """The same captioning contract served by vLLM (continuous batching on GPUs), used when
+    CYCLEPREF_CAPTION_BACKEND=vllm and vllm is installed. The prompt text comes from the model's own chat template
+    (or the family's text prefix), so it is the same prompt the transformers backend feeds."""
+
+    def __init__(self, spec: CaptionerSpec, device: str = "cuda"):
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise ModelLoadError("CYCLEPREF_CAPTION_BACKEND=vllm needs `pip install vllm` (GPU machines)") from err
+        from transformers import AutoProcessor
+
+        self.spec, self.prompt = spec, prompt_for(spec)
+        path = locate(spec.path)
+        try:
+            processor = AutoProcessor.from_pretrained(path, revision=spec.revision,
+                                                      trust_remote_code=spec.trust_remote_code)
+            self._text = self.prompt if spec.family in PREFIX_FAMILIES else processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}],
+                add_generation_prompt=True,
+            )
+            self.llm = LLM(model=path, revision=spec.revision, dtype=spec.dtype,
+                           trust_remote_code=spec.trust_remote_code, limit_mm_per_prompt={"image": 1})
+        except Exception as err:
+            raise load_failed(spec.path, err) from err
+
+    def caption(self, images, batch_size: int = 8, sample: dict | None = None, seeds=None) -> list[str]:
+        from vllm import SamplingParams
+
+        n = len(images)
+        if sample is not None and seeds is None:
+            raise ValueError("sampling needs one seed per image")
+        params = [
+            SamplingParams(max_tokens=self.spec.max_new_tokens, temperature=0.0)
+            if sample is None
+            else SamplingParams(max_tokens=self.spec.max_new_tokens, seed=int(seeds[i]), **sample)
+            for i in range(n)
+        ]
+        requests = [{"prompt": self._text, "multi_modal_data": {"image": im.convert("RGB")}} for im in images]
+        outs = self.llm.generate(requests, params, use_tqdm=False)
+        texts = [o.outputs[0].text for o in outs]
+        return [_strip_prefix(t, self.prompt) for t in texts] if self.spec.family in PREFIX_FAMILIES else texts
+
+
+def make_captioner(spec: CaptionerSpec, device: str = "cpu") -> Captioner | VllmCaptioner:
+    """The captioner for the runtime backend (CYCLEPREF_CAPTION_BACKEND = transformers | vllm)."""
+    from cyclepref.runtime import caption_backend
+
+    return VllmCaptioner(spec, device) if caption_backend() == "vllm" else Captioner(spec, device)
