@@ -23,9 +23,10 @@ import pyarrow.compute as pc
 
 from cyclepref import store, tables
 from cyclepref.config import CaptionerSpec, T2ISpec
-from cyclepref.inputs import INPUTS_SCHEMA, decode_image, png_bytes
+from cyclepref.inputs import INPUTS_SCHEMA, decode_image
 from cyclepref.models import fingerprint
-from cyclepref.workstore import WorkStore, key_of, publish, run_batches, seed_of
+from cyclepref.engine import map_batches
+from cyclepref.workstore import WorkStore, each, key_of, publish, run_batches, seed_of
 
 log = logging.getLogger("cyclepref.cycle")
 
@@ -85,8 +86,8 @@ def _texts(keys: list[str], texts: list[str]) -> pa.Table:
     return pa.table({"key": keys, "raw_text": texts}, schema=TEXT_ROWS)
 
 
-def _images(keys: list[str], images) -> pa.Table:
-    return pa.table({"key": keys, "image": [png_bytes(im) for im in images]}, schema=IMAGE_ROWS)
+def _image_rows(keys: list[str], pngs: list[bytes]) -> pa.Table:
+    return pa.table({"key": keys, "image": pngs}, schema=IMAGE_ROWS)
 
 
 def _lookup(table: pa.Table, key: str) -> dict[str, int]:
@@ -122,7 +123,7 @@ def write_sharded(ctx: Context, name: str, keys: list[str], schema: pa.Schema, m
 
 def generate_i2t(ctx: Context, captioners: list[CaptionerSpec], batch_size: int) -> dict:
     """Every captioner captions every input image (greedy). Captions empty after cleaning are quarantined."""
-    from cyclepref.models.captioner import clean_caption, make_captioner, prompt_for
+    from cyclepref.models.captioner import clean_caption, prompt_for
 
     inputs = read_inputs(ctx, "image")
     ids = inputs.column("input_id").to_pylist()
@@ -139,18 +140,15 @@ def generate_i2t(ctx: Context, captioners: list[CaptionerSpec], batch_size: int)
             for i in ids
         ]
         plan += items
-        todo = work.todo([it["candidate_id"] for it in items])
-        if not todo:
-            continue
-        model = make_captioner(_spec_at(ctx, spec), ctx.device)
         input_of = {it["candidate_id"]: it["input_id"] for it in items}
 
-        def compute(keys: list[str], model=model, input_of=input_of) -> pa.Table:
-            images = [decode_image(inputs.column("image")[row_of[input_of[k]]].as_py()) for k in keys]
-            return _texts(keys, model.caption(images, batch_size=batch_size))
+        def compute(batches: list[list[str]], spec=spec, input_of=input_of) -> Iterator[pa.Table]:
+            payloads = ({"images": [inputs.column("image")[row_of[input_of[k]]].as_py() for k in b]} for b in batches)
+            results = map_batches("caption", _spec_at(ctx, spec), ctx.device, payloads)
+            return (_texts(b, texts) for b, texts in zip(batches, results))
 
-        computed += run_batches(todo, work, batch_size, compute, f"generate_i2t[{spec.name}]")
-        del model
+        computed += run_batches([it["candidate_id"] for it in items], work, batch_size, compute,
+                                f"generate_i2t[{spec.name}]")
 
     plan.sort(key=lambda r: (r["input_id"], r["model"]))
     raw = work.rows([r["candidate_id"] for r in plan]).column("raw_text").to_pylist()
@@ -171,8 +169,6 @@ def generate_i2t(ctx: Context, captioners: list[CaptionerSpec], batch_size: int)
 
 def reconstruct_i2t(ctx: Context, spec: T2ISpec, batch_size: int) -> dict:
     """The text-to-image model renders each distinct cleaned caption of each input once (per-item seed)."""
-    from cyclepref.models.t2i import TextToImage
-
     cands = store.read_table(ctx.path("i2t_candidates"), tables.I2T_CANDIDATES)
     gen_hash = t2i_hash(ctx, spec)
     first: dict[str, dict] = {}
@@ -182,14 +178,14 @@ def reconstruct_i2t(ctx: Context, spec: T2ISpec, batch_size: int) -> dict:
     key_of_text = {r["text_key"]: key_of(r["text_key"], gen_hash) for r in unique}
     text_of = {key_of_text[r["text_key"]]: r["text"] for r in unique}
     work = ctx.work("reconstruct_i2t", IMAGE_ROWS)
-    todo = work.todo([key_of_text[r["text_key"]] for r in unique])
-    if todo:
-        model = TextToImage(_spec_at(ctx, spec), ctx.device)
 
-        def compute(keys: list[str]) -> pa.Table:
-            return _images(keys, model.generate([text_of[k] for k in keys], [seed_of(k) for k in keys], batch_size))
+    def compute(batches: list[list[str]]) -> Iterator[pa.Table]:
+        payloads = ({"prompts": [text_of[k] for k in b], "seeds": [seed_of(k) for k in b]} for b in batches)
+        results = map_batches("render", _spec_at(ctx, spec), ctx.device, payloads)
+        return (_image_rows(b, images) for b, images in zip(batches, results))
 
-        run_batches(todo, work, batch_size, compute, f"reconstruct_i2t[{spec.name}]")
+    computed = run_batches([key_of_text[r["text_key"]] for r in unique], work, batch_size, compute,
+                           f"reconstruct_i2t[{spec.name}]")
 
     def make(text_keys: list[str]) -> pa.Table:
         keys = [key_of_text[t] for t in text_keys]
@@ -208,8 +204,8 @@ def reconstruct_i2t(ctx: Context, spec: T2ISpec, batch_size: int) -> dict:
         )
 
     write_sharded(ctx, "i2t_reconstructions", [r["text_key"] for r in unique], tables.I2T_RECONSTRUCTIONS, make)
-    return {"captions": cands.num_rows, "distinct": len(unique), "computed": len(todo),
-            "reused": len(unique) - len(todo)}
+    return {"captions": cands.num_rows, "distinct": len(unique), "computed": computed,
+            "reused": len(unique) - computed}
 
 
 def score_i2t(ctx: Context, metric, batch_size: int) -> dict:
@@ -250,7 +246,7 @@ def score_i2t(ctx: Context, metric, batch_size: int) -> dict:
             orig = torch.stack([originals[shard_inputs[row[k]]] for k in keys])
             return pa.table({"key": keys, "score": sim.compare(orig, recs).double().tolist()}, schema=SCORE_ROWS)
 
-        computed += run_batches(todo, work, batch_size, compute, "score_i2t")
+        computed += run_batches(todo, work, batch_size, each(compute), "score_i2t")
 
     text_keys = cands.column("text_key").to_pylist()
     missing = sorted(set(text_keys) - set(score_key))
@@ -281,8 +277,6 @@ def score_i2t(ctx: Context, metric, batch_size: int) -> dict:
 
 def generate_t2i(ctx: Context, models: list[T2ISpec], seeds: list[int], batch_size: int) -> dict:
     """Every text-to-image model renders every prompt once per seed; the generator seed derives from the key."""
-    from cyclepref.models.t2i import TextToImage
-
     inputs = read_inputs(ctx, "prompt").select(["input_id", "prompt"]).to_pylist()
     work = ctx.work("generate_t2i", IMAGE_ROWS)
     plan: list[dict] = []
@@ -296,17 +290,15 @@ def generate_t2i(ctx: Context, models: list[T2ISpec], seeds: list[int], batch_si
             for s in seeds
         ]
         plan += items
-        todo = work.todo([it["candidate_id"] for it in items])
-        if not todo:
-            continue
-        model = TextToImage(_spec_at(ctx, spec), ctx.device)
         prompt_of = {it["candidate_id"]: it["prompt"] for it in items}
 
-        def compute(keys: list[str], model=model, prompt_of=prompt_of) -> pa.Table:
-            return _images(keys, model.generate([prompt_of[k] for k in keys], [seed_of(k) for k in keys], batch_size))
+        def compute(batches: list[list[str]], spec=spec, prompt_of=prompt_of) -> Iterator[pa.Table]:
+            payloads = ({"prompts": [prompt_of[k] for k in b], "seeds": [seed_of(k) for k in b]} for b in batches)
+            results = map_batches("render", _spec_at(ctx, spec), ctx.device, payloads)
+            return (_image_rows(b, images) for b, images in zip(batches, results))
 
-        computed += run_batches(todo, work, batch_size, compute, f"generate_t2i[{spec.name}]")
-        del model
+        computed += run_batches([it["candidate_id"] for it in items], work, batch_size, compute,
+                                f"generate_t2i[{spec.name}]")
 
     plan.sort(key=lambda r: (r["input_id"], r["model"], r["seed"]))
     by_id = {r["candidate_id"]: r for r in plan}
@@ -321,29 +313,24 @@ def generate_t2i(ctx: Context, models: list[T2ISpec], seeds: list[int], batch_si
 
 def reconstruct_t2i(ctx: Context, spec: CaptionerSpec, batch_size: int) -> dict:
     """The backward captioner describes every candidate image (greedy)."""
-    from cyclepref.models.captioner import clean_caption, make_captioner, prompt_for
+    from cyclepref.models.captioner import clean_caption, prompt_for
 
     gen_hash = captioner_hash(ctx, spec, prompt_for(spec))
     work = ctx.work("reconstruct_t2i", TEXT_ROWS)
-    model = None
     meta: list[dict] = []
     computed = 0
     for shard in iter_shards(ctx.path("t2i_candidates")):
         rows = shard.select(["candidate_id", "input_id", "model"]).to_pylist()
         keys = [key_of(r["candidate_id"], gen_hash) for r in rows]
         meta += [{**r, "key": k} for r, k in zip(rows, keys, strict=True)]
-        todo = work.todo(keys)
-        if not todo:
-            continue
-        if model is None:
-            model = make_captioner(_spec_at(ctx, spec), ctx.device)
         row = {k: i for i, k in enumerate(keys)}
 
-        def compute(ks: list[str], shard=shard, row=row) -> pa.Table:
-            images = [decode_image(shard.column("image")[row[k]].as_py()) for k in ks]
-            return _texts(ks, model.caption(images, batch_size=batch_size))
+        def compute(batches: list[list[str]], shard=shard, row=row) -> Iterator[pa.Table]:
+            payloads = ({"images": [shard.column("image")[row[k]].as_py() for k in b]} for b in batches)
+            results = map_batches("caption", _spec_at(ctx, spec), ctx.device, payloads)
+            return (_texts(b, texts) for b, texts in zip(batches, results))
 
-        computed += run_batches(todo, work, batch_size, compute, f"reconstruct_t2i[{spec.name}]")
+        computed += run_batches(keys, work, batch_size, compute, f"reconstruct_t2i[{spec.name}]")
 
     raw = work.rows([m["key"] for m in meta]).column("raw_text").to_pylist()
     out = pa.Table.from_pylist(
@@ -386,7 +373,7 @@ def score_t2i(ctx: Context, metric, batch_size: int) -> dict:
             ref = torch.stack([prompt_emb[rows[row[k]]["input_id"]] for k in ks])
             return pa.table({"key": ks, "score": sim.compare(ref, back).double().tolist()}, schema=SCORE_ROWS)
 
-        run_batches(todo, work, batch_size, compute, "score_t2i")
+        run_batches(todo, work, batch_size, each(compute), "score_t2i")
     n = len(rows)
     out = pa.table(
         {

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -98,20 +98,27 @@ def run_batches(
     keys: Sequence[str],
     work: WorkStore,
     batch_size: int,
-    compute: Callable[[list[str]], pa.Table],
+    compute: Callable[[list[list[str]]], Iterable[pa.Table]],
     desc: str,
 ) -> int:
-    """Compute the unfinished keys in batches (in the given order), persisting each batch. Returns items computed."""
+    """Compute the unfinished keys in batches (in the given order) and persist each finished batch as soon as it
+    arrives. `compute` maps the list of key batches to an iterable of result tables in the same order (lazily, so
+    an engine can keep several batches in flight). Returns the number of items computed."""
     from tqdm.auto import tqdm
 
     todo = work.todo(keys)
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     disable = os.environ.get("CYCLEPREF_PROGRESS", "1") == "0"
     with tqdm(total=len(todo), desc=desc, unit="item", disable=disable or not todo, leave=False) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            work.add(compute(batch))
+        for batch, rows in zip(batches, compute(batches), strict=True):
+            work.add(rows)
             bar.update(len(batch))
     return len(todo)
+
+
+def each(compute_one: Callable[[list[str]], pa.Table]) -> Callable[[list[list[str]]], Iterator[pa.Table]]:
+    """`compute` for run_batches from a one-batch function, applied in the calling process."""
+    return lambda batches: (compute_one(b) for b in batches)
 
 
 def publish(
