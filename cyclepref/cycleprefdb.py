@@ -1,0 +1,267 @@
+"""Import the public CyclePrefDB files into this pipeline's tables, so that build_pairs and every stage after it can
+train on the published data instead of regenerating it.
+
+Expected layout: one directory per task, as downloaded from the Hub datasets carolineec/CyclePrefDB-I2T and
+carolineec/CyclePrefDB-T2I (images alongside):
+
+    <dir>/train.jsonl  <dir>/valid.jsonl  <dir>/test.jsonl     (a .json file holding a list is read as well)
+
+One JSON object per input with all its candidates and their cycle scores, the "rankings" records that the authors'
+make_dataset.py writes and their training code pairs up:
+
+    I2T: {"input": "<image path>", "generations": ["<caption>", ...], "scores": [<DreamSim distance>, ...]}
+    T2I: {"input": "<prompt>", "generations": ["<image path>", ...], "scores": [<SBERT similarity>, ...]}
+
+Optional "models": [<model name>, ...] aligned with "generations" (without it: "generation-<k>", by position).
+Key aliases: input = image | prompt | real_image | real_text; generations = candidates; scores = dreamsim |
+sbert_score | sbert. Image paths are resolved against `images_root` (default: the directory of the file).
+
+Written (under `root`, at the pipeline's paths): inputs and quarantine (prepared like prepare_inputs: RGB PNG,
+content-hash ids), i2t/t2i candidates, i2t/t2i scores (metric dreamsim / sbert). The published split is not kept:
+build_pairs assigns its own split by input. Then:
+
+    python -m cyclepref.cycleprefdb --i2t <dir> --t2i <dir>
+    python -m tasks.gate i2t_scores && python -m tasks.gate t2i_scores
+    dvc repro --downstream build_pairs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from cyclepref import inputs as inp
+from cyclepref import store
+from cyclepref.config import PrepareInputs
+from cyclepref.cycle import I2T_QUARANTINE, text_key
+from cyclepref.workstore import key_of
+from cyclepref.scoring import DIRECTIONS
+from cyclepref.tables import I2T_CANDIDATES, PATHS, SCORES, T2I_CANDIDATES
+
+SPLIT_FILES = ("train", "valid", "test")
+METRICS = {"i2t": "dreamsim", "t2i": "sbert"}
+INPUT_KEYS = ("input", "image", "prompt", "real_image", "real_text")
+GENERATION_KEYS = ("generations", "candidates")
+SCORE_KEYS = ("scores", "dreamsim", "sbert_score", "sbert")
+SOURCE_TAG = "cycleprefdb"
+
+
+class CyclePrefDBError(ValueError):
+    """A CyclePrefDB file that does not have the documented layout."""
+
+
+@dataclass
+class Imported:
+    """The pipeline tables built from one or both CyclePrefDB tasks."""
+
+    inputs: dict[str, inp.PreparedInput] = field(default_factory=dict)
+    quarantined: list[inp.Quarantined] = field(default_factory=list)
+    candidates: dict[str, list[dict]] = field(default_factory=lambda: {"i2t": [], "t2i": []})
+    scores: dict[str, list[dict]] = field(default_factory=lambda: {"i2t": [], "t2i": []})
+
+
+def _pick(row: dict, keys: tuple[str, ...], where: str) -> object:
+    for k in keys:
+        if k in row:
+            return row[k]
+    raise CyclePrefDBError(f"{where}: none of the keys {list(keys)} (has {sorted(row)})")
+
+
+def iter_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each record of a .jsonl or .json file."""
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise CyclePrefDBError(f"{path}: expected a JSON list of records")
+        yield from ((f"{path.name}[{i}]", r) for i, r in enumerate(data))
+        return
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"{path.name}:{n}", json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CyclePrefDBError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+
+
+def split_files(directory: Path) -> list[Path]:
+    files = []
+    for split in SPLIT_FILES:
+        found = [directory / f"{split}{ext}" for ext in (".jsonl", ".json") if (directory / f"{split}{ext}").exists()]
+        files += found[:1]
+    if not files:
+        raise CyclePrefDBError(f"{directory}: no train/valid/test .jsonl or .json file")
+    return files
+
+
+def _models(row: dict, n: int, where: str) -> list[str]:
+    names = row.get("models") or row.get("model_names") or [f"generation-{k}" for k in range(n)]
+    if len(names) != n:
+        raise CyclePrefDBError(f"{where}: {len(names)} models for {n} generations")
+    return [str(m) for m in names]
+
+
+def _seeds(models: list[str]) -> list[int]:
+    """The k-th generation of a model gets seed k (T2I: one model, several seeds)."""
+    seen: dict[str, int] = {}
+    out = []
+    for m in models:
+        out.append(seen.get(m, 0))
+        seen[m] = out[-1] + 1
+    return out
+
+
+def _candidate(
+    task: str, base: dict, record: inp.PreparedInput, generation: object, where: str, root: Path,
+    prepare: PrepareInputs,
+) -> dict:
+    """One candidate row: i2t the cleaned caption and its text_key, t2i the image normalised to PNG."""
+    if task == "i2t":
+        from cyclepref.models.captioner import clean_caption
+
+        text = clean_caption(str(generation))
+        if not text:
+            raise inp.InvalidInput("empty caption")
+        return {**base, "prompt": "", "raw_text": str(generation), "text": text,
+                "text_key": text_key(record.input_id, text)}
+    image = inp.validate(inp.RawItem(where, image=root / str(generation)), prepare).image
+    return {**base, "prompt": record.prompt, "image": image}
+
+
+def read_task(
+    task: str,
+    directory: str | Path,
+    images_root: str | Path | None = None,
+    prepare: PrepareInputs | None = None,
+    into: Imported | None = None,
+) -> Imported:
+    """Read one task's CyclePrefDB files; bad inputs and candidates are quarantined with the reason."""
+    directory = Path(directory)
+    prepare = prepare or PrepareInputs(source="folder", path=str(directory))
+    out = into or Imported()
+    metric = METRICS[task]
+    for path in split_files(directory):
+        root = Path(images_root) if images_root else path.parent
+        for where, row in iter_records(path):
+            source = f"{SOURCE_TAG}-{task}/{where}"
+            raw_input = _pick(row, INPUT_KEYS, where)
+            generations = list(_pick(row, GENERATION_KEYS, where))
+            scores = list(_pick(row, SCORE_KEYS, where))
+            if len(scores) != len(generations):
+                raise CyclePrefDBError(f"{where}: {len(scores)} scores for {len(generations)} generations")
+            item = inp.RawItem(source, image=root / str(raw_input)) if task == "i2t" else inp.RawItem(
+                source, image=None, prompt=raw_input
+            )
+            try:
+                record = inp.validate(item, prepare)
+            except inp.InvalidInput as err:
+                out.quarantined.append(inp.Quarantined(source, str(err)))
+                continue
+            if record.input_id in out.inputs:
+                out.quarantined.append(inp.Quarantined(source, f"duplicate input ({record.input_id})"))
+                continue
+            out.inputs[record.input_id] = record
+            models = _models(row, len(generations), where)
+            rows = zip(generations, scores, models, _seeds(models), strict=True)
+            for k, (gen, score, model, seed) in enumerate(rows):
+                what = f"{source}#generation{k}"
+                if not isinstance(score, int | float) or not math.isfinite(score):
+                    out.quarantined.append(inp.Quarantined(what, f"score {score!r} is not a finite number"))
+                    continue
+                prompt = "" if task == "i2t" else record.prompt
+                cid = key_of(record.input_id, model, prompt, seed, SOURCE_TAG)
+                base = {"candidate_id": cid, "input_id": record.input_id, "model": model, "seed": seed,
+                        "gen_hash": SOURCE_TAG}
+                try:
+                    candidate = _candidate(task, base, record, gen, what, root, prepare)
+                except inp.InvalidInput as err:
+                    out.quarantined.append(inp.Quarantined(what, str(err)))
+                    continue
+                out.candidates[task].append(candidate)
+                out.scores[task].append(
+                    {"task": task, "input_id": record.input_id, "candidate_id": cid, "model": model,
+                     "text": candidate.get("text"), "score": float(score), "metric": metric,
+                     "direction": DIRECTIONS[metric]}
+                )
+    return out
+
+
+def _write(table: pa.Table, path: Path, schema: pa.Schema, rows_per_shard: int = 500) -> list[Path]:
+    """One parquet file, or (a path without .parquet: an image table) part-NNNNN.parquet shards in that directory."""
+    if path.suffix == ".parquet":
+        return [store.write_table(table, path, schema)]
+    starts = range(0, max(table.num_rows, 1), rows_per_shard)
+    return [
+        store.write_table(table.slice(start, rows_per_shard), path / f"part-{k:05d}.parquet", schema)
+        for k, start in enumerate(starts)
+    ]
+
+
+def write_tables(imported: Imported, root: str | Path) -> dict[str, int]:
+    """Write the imported tables at the pipeline's paths under `root`, each output directory with its manifest;
+    returns the row counts."""
+    root = Path(root)
+    records = sorted(imported.inputs.values(), key=lambda r: r.input_id)
+    written = {
+        "inputs": _write(inp.inputs_table(records), root / PATHS["inputs"], inp.INPUTS_SCHEMA),
+        "quarantine": _write(inp.quarantine_table(imported.quarantined), root / PATHS["quarantine"],
+                             inp.QUARANTINE_SCHEMA),
+    }
+    counts = {"inputs": len(records), "quarantined": len(imported.quarantined)}
+    for task, schema in (("i2t", I2T_CANDIDATES), ("t2i", T2I_CANDIDATES)):
+        if not imported.scores[task]:
+            continue
+        candidates = pa.Table.from_pylist(imported.candidates[task], schema)
+        written[f"{task}_candidates"] = _write(candidates, root / PATHS[f"{task}_candidates"], schema)
+        written[f"{task}_scores"] = _write(pa.Table.from_pylist(imported.scores[task], SCORES),
+                                           root / PATHS[f"{task}_scores"], SCORES)
+        counts[f"{task}_candidates"] = candidates.num_rows
+    if "i2t_candidates" in written:
+        written["i2t_quarantine"] = _write(I2T_QUARANTINE.empty_table(), root / PATHS["i2t_quarantine"],
+                                           I2T_QUARANTINE)
+    directories: dict[Path, list[Path]] = {}
+    for files in written.values():
+        for f in files:
+            directories.setdefault(f.parent, []).append(f)
+    for directory, files in directories.items():
+        store.write_manifest(directory, files, source=SOURCE_TAG)
+    return counts
+
+
+def import_cycleprefdb(
+    root: str | Path,
+    i2t: str | Path | None = None,
+    t2i: str | Path | None = None,
+    images_root: str | Path | None = None,
+) -> dict[str, int]:
+    """Read the given task directories and write the pipeline tables under `root`."""
+    if i2t is None and t2i is None:
+        raise CyclePrefDBError("give at least one of the I2T and T2I directories")
+    imported = Imported()
+    for task, directory in (("i2t", i2t), ("t2i", t2i)):
+        if directory is not None:
+            read_task(task, directory, images_root, into=imported)
+    return write_tables(imported, root)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--i2t", type=Path, help="directory with the CyclePrefDB-I2T files")
+    parser.add_argument("--t2i", type=Path, help="directory with the CyclePrefDB-T2I files")
+    parser.add_argument("--images-root", type=Path, help="resolve image paths here (default: beside each file)")
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root to write the tables under")
+    args = parser.parse_args(argv)
+    try:
+        counts = import_cycleprefdb(args.root, args.i2t, args.t2i, args.images_root)
+    except (CyclePrefDBError, FileNotFoundError) as err:
+        raise SystemExit(f"cycleprefdb: {err}") from None
+    print("cycleprefdb: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    main()

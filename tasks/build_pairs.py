@@ -1,0 +1,50 @@
+"""Stage build_pairs: preference pairs from the cycle scores of every task in params build_pairs.tasks.
+
+Runs only after the gates of those score tables passed.
+Outputs: data/pairs/pairs.parquet (PAIRS), data/pairs/manifest.json, reports/pairs.json (DVC metric: drop counts,
+survival, split sizes, margin statistics and per-model win rates per task).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from cyclepref import gates, stage, store
+from cyclepref.config import Params, require
+from cyclepref.pairs import build_pairs, pair_stats
+from cyclepref.tables import PAIRS, PATHS, SCORES
+from tasks.gate import REPORT_DIR
+
+METRICS = "reports/pairs.json"
+
+
+def run(params: Params, root: Path) -> dict:
+    cfg = require(params.build_pairs, "build_pairs")
+    try:
+        gates.require_passed(root / REPORT_DIR, [f"{task}_scores" for task in cfg.tasks])
+    except gates.GateFailed as err:
+        raise SystemExit(f"build_pairs: {err}") from None
+    scores = pa.concat_tables([store.read_table(root / PATHS[f"{task}_scores"], SCORES) for task in cfg.tasks])
+    pairs, counts = build_pairs(scores, cfg)
+    out = store.write_table(pairs, root / PATHS["pairs"], PAIRS)
+    stats = pair_stats(pairs, counts, cfg.tie_gap)
+    metrics = store.write_json(stats, root / METRICS)
+    store.write_manifest(out.parent, [out], pairs=pairs.num_rows, tasks=list(cfg.tasks))
+
+    import mlflow
+
+    mlflow.log_artifact(str(metrics))
+    summary: dict = {"pairs": pairs.num_rows}
+    for task, s in stats["tasks"].items():
+        summary |= {f"{task}_pairs": s["pairs"], f"{task}_survival": round(s["survival"], 4)}
+    return summary
+
+
+def main() -> None:
+    stage.main("build_pairs", run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Stage gate@<name>: validate one table and write its data-quality report; fail only on critical checks.
+
+    python -m tasks.gate <name>      name in: inputs, i2t_candidates, i2t_reconstructions, t2i_candidates,
+                                     t2i_reconstructions, i2t_scores, t2i_scores, pairs
+
+Outputs: reports/dq/<name>.json (DVC metric) and reports/dq/<name>.md. Thresholds: params `gates.<name>`.
+A failed gate exits 1 after writing its report and printing the failing checks, so DVC runs nothing downstream.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+from cyclepref import gates, stage, store
+from cyclepref.config import Gates, Params, require
+from cyclepref.tables import PATHS
+
+REPORT_DIR = "reports/dq"
+
+
+GATES: dict[str, tuple[str, dict[str, str]]] = {
+    "inputs": ("inputs", {"quarantine": "quarantine"}),
+    "i2t_candidates": ("i2t_candidates", {"inputs": "inputs", "quarantine": "i2t_quarantine"}),
+    "i2t_reconstructions": ("i2t_reconstructions", {"candidates": "i2t_candidates"}),
+    "t2i_candidates": ("t2i_candidates", {"inputs": "inputs"}),
+    "t2i_reconstructions": ("t2i_reconstructions", {"candidates": "t2i_candidates"}),
+    "i2t_scores": ("i2t_scores", {"candidates": "i2t_candidates"}),
+    "t2i_scores": ("t2i_scores", {"candidates": "t2i_candidates"}),
+    "pairs": ("pairs", {}),
+}
+"""gate name -> (the table it validates, {keyword: upstream table it is checked against}), as keys of PATHS."""
+
+
+def evaluate(name: str, root: Path, thresholds: Gates) -> dict:
+    """The report of gate `name` on the tables under `root`."""
+    table_key, related = GATES[name]
+    table = gates.read_gate_table(root / PATHS[table_key])
+    upstream = {kw: gates.read_gate_table(root / PATHS[key]) for kw, key in related.items()}
+    return gates.check(name, table, getattr(thresholds, name), PATHS[table_key], **upstream)
+
+
+def write_report(report: dict, root: Path) -> tuple[Path, Path]:
+    out = root / REPORT_DIR / f"{report['gate']}.json"
+    store.write_json(report, out)
+    md = out.with_suffix(".md")
+    with store.atomic_path(md) as tmp:
+        tmp.write_text(gates.render_markdown(report))
+    return out, md
+
+
+def run(params: Params, root: Path, name: str) -> dict:
+    thresholds = require(params.gates, "gates")
+    report = evaluate(name, root, thresholds)
+    json_path, md_path = write_report(report, root)
+
+    import mlflow
+
+    from cyclepref.tracking import flatten
+
+    mlflow.log_params(flatten(getattr(thresholds, name), f"gates.{name}."))
+    mlflow.log_artifact(str(json_path), "dq")
+    mlflow.log_artifact(str(md_path), "dq")
+    counts = report["counts"]
+    summary = {"rows": report["rows"], **counts, "success": int(report["success"])}
+    if not report["success"]:
+        mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+        print(gates.failure_message(report), file=sys.stderr)
+        print(f"report: {md_path}", file=sys.stderr)
+        raise SystemExit(1)
+    if counts["failed_warning"]:
+        print(gates.failure_message(report), file=sys.stderr)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] not in GATES:
+        raise SystemExit(f"usage: python -m tasks.gate <name>   (name in: {', '.join(GATES)})")
+    name = args[0]
+    stage.main(f"gate@{name}", lambda params, root: run(params, root, name))
+
+
+if __name__ == "__main__":
+    main()
