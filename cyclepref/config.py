@@ -149,6 +149,417 @@ class ScoreT2I(Section):
     batch_size: int = Field(64, gt=0)
 
 
+class QualityLimits(Section):
+    """Worst acceptable cycle score of the *preferred* candidate, per metric, in the metric's own units.
+
+    The comparison follows the metric's direction (cyclepref.scoring.DIRECTIONS): for a distance ("lower") a pair is
+    kept only when preferred <= limit, for a similarity ("higher") only when preferred >= limit. None: no limit.
+    """
+
+    dreamsim: float | None = Field(0.7, ge=0.0, le=2.0, description="DreamSim distance of the preferred (paper: 0.7).")
+    sbert: float | None = Field(0.4, ge=-1.0, le=1.0, description="SBERT similarity of the preferred (paper: 0.4).")
+    open_clip: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="CLIP image cosine of the preferred. None: the paper sets no limit for its CLIP ablation, and a "
+        "fixed cosine has no common meaning across CLIP models (the tiny random CLIP of the default profile gives "
+        "values anywhere in [-1, 1]); the near-tie gap still removes uninformative pairs.",
+    )
+    lpips: float | None = Field(
+        None,
+        ge=0.0,
+        description="LPIPS distance of the preferred. None: the paper's LPIPS ablation gives no limit, and LPIPS is "
+        "not on DreamSim's scale, so DreamSim's 0.7 does not carry over.",
+    )
+
+
+class PairSplit(Section):
+    """Train / valid / test shares, assigned per input by a salted hash of input_id (stable when inputs are added)."""
+
+    train: float = Field(0.9, ge=0.0, le=1.0)
+    valid: float = Field(0.05, ge=0.0, le=1.0)
+    test: float = Field(0.05, ge=0.0, le=1.0)
+    salt: str = Field("cyclepref", description="Changing the salt reshuffles every input's split.")
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> PairSplit:
+        total = self.train + self.valid + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"split shares must sum to 1, got {self.train} + {self.valid} + {self.test} = {total}")
+        return self
+
+
+class BuildPairs(Section):
+    """Preference pairs from cycle scores (PAPER.md §3): every unordered pair of an input's candidates."""
+
+    tasks: list[Literal["i2t", "t2i"]] = Field(default_factory=lambda: ["i2t", "t2i"], min_length=1)
+    tie_gap: float = Field(0.005, ge=0.0, description="Near-ties |s_a - s_b| < tie_gap (metric units) are dropped.")
+    quality_limits: QualityLimits = Field(default_factory=QualityLimits)
+    dedupe_texts: bool = Field(
+        True,
+        description="I2T: candidates of one input with equal captions (ignoring case and surrounding white space) "
+        "are merged into the one with the smallest candidate_id before pairing, so no (image, preferred text, "
+        "rejected text) triple appears twice. Pairs of equal captions are dropped either way (§3 rule 1).",
+    )
+    split: PairSplit = Field(default_factory=PairSplit)
+
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> BuildPairs:
+        _require_unique(list(self.tasks), "build_pairs.tasks")
+        return self
+
+
+class InputsGate(Section):
+    """Thresholds of gate `inputs` (data/prepared/inputs.parquet and its quarantine)."""
+
+    min_rows: int = Field(1, ge=0)
+    max_quarantined_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Quarantined / (kept + quarantined).")
+    min_image_side: int = Field(16, gt=0)
+    max_text_chars: int = Field(2000, gt=0)
+
+
+class CandidatesGate(Section):
+    """Thresholds of gates `i2t_candidates` and `t2i_candidates`."""
+
+    min_rows: int = Field(1, ge=0)
+    max_missing_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of expected (input, model[, seed]) candidates that are absent."
+    )
+    max_empty_text_fraction: float = Field(0.0, ge=0.0, le=1.0, description="I2T: share of empty captions.")
+    max_quarantined_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="I2T: share of captions quarantined (empty after cleaning)."
+    )
+    max_duplicate_text_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="I2T warning: share of captions repeating another caption of the same input."
+    )
+
+
+class ReconstructionsGate(Section):
+    """Thresholds of gates `i2t_reconstructions` and `t2i_reconstructions`."""
+
+    min_rows: int = Field(1, ge=0)
+    max_missing_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of distinct captions (I2T) / candidate images (T2I) not reconstructed."
+    )
+    max_empty_text_fraction: float = Field(0.0, ge=0.0, le=1.0, description="T2I: share of empty back-captions.")
+
+
+class ScoresGate(Section):
+    """Thresholds of gates `i2t_scores` and `t2i_scores`."""
+
+    min_rows: int = Field(1, ge=0)
+    max_missing_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of candidates without a score.")
+    min_score_std: float = Field(1e-6, ge=0.0, description="A smaller standard deviation means a collapsed scorer.")
+    max_tied_input_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Warning: share of inputs whose candidates all have the same score."
+    )
+
+
+class PairsGate(Section):
+    """Thresholds of gate `pairs`."""
+
+    tasks: list[Literal["i2t", "t2i"]] = Field(default_factory=lambda: ["i2t", "t2i"])
+    min_pairs: int = Field(1, ge=0, description="Minimum number of pairs of each task in `tasks`.")
+
+
+class Gates(Section):
+    """Data-quality gates, one section per gate (dvc.yaml stage gate@<name> reads gates.<name>)."""
+
+    inputs: InputsGate = Field(default_factory=InputsGate)
+    i2t_candidates: CandidatesGate = Field(default_factory=CandidatesGate)
+    i2t_reconstructions: ReconstructionsGate = Field(default_factory=ReconstructionsGate)
+    t2i_candidates: CandidatesGate = Field(default_factory=CandidatesGate)
+    t2i_reconstructions: ReconstructionsGate = Field(default_factory=ReconstructionsGate)
+    i2t_scores: ScoresGate = Field(default_factory=ScoresGate)
+    t2i_scores: ScoresGate = Field(default_factory=ScoresGate)
+    pairs: PairsGate = Field(default_factory=PairsGate)
+
+
+class ExportDataset(Section):
+    """Hugging Face `datasets` export of the pairs (parquet shards per task and split plus a dataset card)."""
+
+    name: str = Field("cyclepref", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$", description="Dataset name.")
+    rows_per_shard: int = Field(2000, gt=0, description="Pairs per parquet shard.")
+    license: str = Field("other", min_length=1, description="Card licence id; generated data inherits model terms.")
+    embed_images: bool = Field(
+        True,
+        description="True: PNG bytes in every row (datasets.Image). False: each image written once under images/ "
+        "and the image columns hold its relative path (paper scale: an input image is in up to 55 pairs).",
+    )
+
+
+RewardVariant = Literal["i2t", "t2i", "combo"]
+
+
+class RewardBackbone(Section):
+    """The reward model (PAPER.md §4): a BLIP image-text matching backbone plus the MLP head."""
+
+    path: str = Field(min_length=1, description="BLIP ITM checkpoint: hub id or local directory (save_pretrained).")
+    revision: str | None = Field(None, description="Hub revision; ignored for local directories.")
+    head_widths: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="Hidden widths of the MLP head. None: the paper's 1024, 128, 64, 16 scaled by the backbone's "
+        "text hidden size / 768 (at least 8 each), i.e. exactly the paper's head on a 768-wide text encoder.",
+    )
+    fix_rate: float = Field(0.7, ge=0.0, le=1.0, description="Share of text layers and ViT blocks frozen (paper 0.7).")
+    max_length: int = Field(128, gt=0, description="Text tokens (paper: 128).")
+
+
+class RewardData(Section):
+    """Where preference pairs come from: the pipeline tables or exported `datasets` directories."""
+
+    source: Literal["tables", "hf_datasets"] = "tables"
+    i2t_path: str | None = Field(None, description="hf_datasets: I2T pairs (save_to_disk or parquet dataset dir).")
+    t2i_path: str | None = Field(None, description="hf_datasets: T2I pairs (save_to_disk or parquet dataset dir).")
+
+    @model_validator(mode="after")
+    def _paths(self) -> RewardData:
+        if self.source == "hf_datasets" and not (self.i2t_path or self.t2i_path):
+            raise ValueError("source hf_datasets needs i2t_path and/or t2i_path")
+        return self
+
+
+class TrainReward(Section):
+    """Bradley-Terry training of the reward model; one model per variant (PAPER.md §4)."""
+
+    model: RewardBackbone
+    data: RewardData = Field(default_factory=RewardData)
+    variants: list[RewardVariant] = Field(min_length=1, description="i2t, t2i and/or combo; each is trained.")
+    seed: int = 0
+    epochs: int = Field(2, gt=0)
+    batch_size: int = Field(128, gt=0, description="Pairs per device per micro-batch (paper: 128).")
+    grad_accum: int = Field(2, gt=0, description="Micro-batches per optimizer step (paper: 2).")
+    lr: dict[RewardVariant, float] = Field(description="Peak learning rate per variant (paper: 2e-5, T2I 3e-5).")
+    weight_decay: dict[RewardVariant, float] = Field(description="AdamW weight decay per variant (paper: 0, T2I 1e-4).")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    combo_ratio: float = Field(1.0, ge=0.0, description="Combo loss = loss_i2t * ratio + loss_t2i.")
+    validations_per_epoch: int = Field(4, gt=0)
+    patience: int = Field(5, gt=0, description="Stop after this many validations without improvement.")
+    min_delta: float = Field(0.001, ge=0.0, description="An improvement must lower validation loss by more than this.")
+    max_grad_norm: float | None = Field(None, gt=0.0, description="Gradient clipping; None = off (paper: off).")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Optimizer steps between resume checkpoints; None = at every validation."
+    )
+    keep_checkpoints: int = Field(1, gt=0, description="Resume checkpoints kept (newest first).")
+
+    @model_validator(mode="after")
+    def _per_variant(self) -> TrainReward:
+        _require_unique(list(self.variants), "train_reward.variants")
+        for key in ("lr", "weight_decay"):
+            missing = [v for v in self.variants if v not in getattr(self, key)]
+            if missing:
+                raise ValueError(f"{key} has no value for variant(s) {missing}")
+        return self
+
+
+class RewardModelEntry(Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    path: str = Field(min_length=1, description="A RewardModel directory (e.g. data/reward/combo/model).")
+
+
+class RewardBenchmark(Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    path: str = Field(min_length=1, description="Pairs jsonl in the pair format of cyclepref.reward.benchmarks.")
+
+
+class EvaluateReward(Section):
+    """Pairwise accuracy (95% Wilson interval) of reward models and baselines on the test split and benchmarks."""
+
+    models: list[RewardModelEntry] = Field(min_length=1)
+    data: RewardData = Field(default_factory=RewardData)
+    split: Literal["train", "valid", "test"] = "test"
+    benchmarks: list[RewardBenchmark] = Field(default_factory=list)
+    clip: str | None = Field(None, description="open_clip model for the CLIPScore baseline; None = no CLIPScore.")
+    batch_size: int = Field(32, gt=0)
+    seed: int = Field(0, description="Seed of the random baseline.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvaluateReward:
+        _require_unique([m.name for m in self.models], "evaluate_reward.models")
+        _require_unique([b.name for b in self.benchmarks], "evaluate_reward.benchmarks")
+        clash = sorted({b.name for b in self.benchmarks} & {"train", "valid", "test"})
+        if clash:
+            raise ValueError(f"benchmark names {clash} clash with split names (they share the report's sections)")
+        return self
+
+
+DownstreamTask = Literal["i2t", "t2i"]
+VerifierKind = Literal["reward", "cycle", "clipscore"]
+DPO_VLM_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl")
+
+
+class LoraSpec(Section):
+    """A LoRA adapter (peft.LoraConfig): rank, scale alpha / r, dropout and the modules it wraps."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = Field(
+        min_length=1, description="Module names, or one regex matched against full module names (peft)."
+    )
+
+
+class BestOfN(Section):
+    """Best-of-N (PAPER.md §6): per held-out input, sample max(n) candidates once (per-item seeds); for each N and
+    verifier pick the best of the first N; report the evaluator's mean score of the picks against N."""
+
+    tasks: list[DownstreamTask] = Field(default_factory=lambda: ["i2t", "t2i"], min_length=1)
+    n: list[int] = Field(min_length=1, description="Increasing candidate counts, e.g. [1, 2, 4, 8, 16].")
+    captioner: CaptionerSpec | None = Field(None, description="i2t: the sampled captioner.")
+    temperature: float = Field(1.0, ge=0.0, description="i2t sampling temperature; 0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="i2t nucleus sampling mass.")
+    t2i_model: T2ISpec | None = Field(None, description="t2i: the text-to-image model; one image per seed.")
+    verifiers: list[VerifierKind] = Field(default_factory=lambda: ["reward", "cycle", "clipscore"], min_length=1)
+    evaluator: VerifierKind = Field(
+        "reward",
+        description="Scores the picks. The reward model until ground truth exists; it favours the reward verifier.",
+    )
+    reward_model: str = Field("data/reward/combo/model", description="A RewardModel directory (train_reward).")
+    clip: str | None = Field(None, description="open_clip model for CLIPScore (directory or hf-hub: id).")
+    heldout_splits: list[Literal["train", "valid", "test"]] = Field(
+        default_factory=lambda: ["test", "valid"],
+        min_length=1,
+        description="Held-out inputs = inputs with pairs in these splits of data/pairs (all inputs when none).",
+    )
+    max_inputs: int | None = Field(None, gt=0, description="Keep the first N held-out inputs (by input_id).")
+    batch_size: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BestOfN:
+        if any(b <= a for a, b in zip(self.n, self.n[1:], strict=False)) or self.n[0] < 1:
+            raise ValueError(f"n must be positive and strictly increasing, got {self.n}")
+        _require_unique(list(self.tasks), "best_of_n.tasks")
+        _require_unique(list(self.verifiers), "best_of_n.verifiers")
+        if "i2t" in self.tasks and self.captioner is None:
+            raise ValueError("task i2t needs best_of_n.captioner")
+        if "t2i" in self.tasks and self.t2i_model is None:
+            raise ValueError("task t2i needs best_of_n.t2i_model")
+        if "clipscore" in {*self.verifiers, self.evaluator} and self.clip is None:
+            raise ValueError("the clipscore verifier needs best_of_n.clip")
+        return self
+
+
+class DpoVlm(Section):
+    """DPO of a LLaVA-family captioner on the I2T pairs (trl DPOTrainer, LoRA through peft; PAPER.md §6).
+
+    Prompt = the input image + the captioner's instruction in its chat template; chosen / rejected = the preferred /
+    rejected caption. The reference is the same network with the adapter disabled."""
+
+    captioner: CaptionerSpec
+    lora: LoraSpec
+    beta: float = Field(0.1, gt=0.0)
+    lr: float = Field(gt=0.0)
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(8, gt=0, description="Pairs per device per micro-batch.")
+    grad_accum: int = Field(1, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_length: int | None = Field(
+        None,
+        gt=0,
+        description="Token budget of prompt + caption. None (recommended): no truncation. trl counts the image "
+        "placeholder tokens (576 for LLaVA-1.5) inside the prompt, so a budget below the prompt length cuts image "
+        "tokens and breaks the image features; a budget that low is rejected.",
+    )
+    max_pairs: int | None = Field(None, gt=0, description="Use the first N train pairs (by pair_id).")
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _family(self) -> DpoVlm:
+        if self.captioner.family not in DPO_VLM_FAMILIES:
+            raise ValueError(f"dpo_vlm needs a chat VLM family {DPO_VLM_FAMILIES}, got {self.captioner.family!r}")
+        return self
+
+
+class DiffusionDpo(Section):
+    """Diffusion-DPO (Wallace et al. 2023; PAPER.md §6) of a UNet text-to-image pipeline on the T2I pairs, with LoRA;
+    the reference is the same UNet with the adapter disabled."""
+
+    model: T2ISpec
+    lora: LoraSpec
+    beta: float = Field(2500.0, gt=0.0, description="KL weight (SD1.5: 2500-5000).")
+    lr: float = Field(gt=0.0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(4, gt=0, description="Pairs per micro-batch.")
+    grad_accum: int = Field(1, gt=0)
+    weight_decay: float = Field(1e-2, ge=0.0, description="AdamW weight decay (diffusers' Diffusion-DPO: 1e-2).")
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    resolution: int | None = Field(None, gt=0, multiple_of=8, description="Training side; None = model.height.")
+    max_pairs: int | None = Field(None, gt=0, description="Use the first N train pairs (by pair_id).")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _family(self) -> DiffusionDpo:
+        if self.model.family != "sd":
+            raise ValueError(f"diffusion_dpo supports the UNet family 'sd', got {self.model.family!r}")
+        return self
+
+
+class EvaluateDownstream(Section):
+    """Before / after comparison of the DPO-trained captioner (i2t) and text-to-image model (t2i) on held-out inputs,
+    scored by the evaluator (the reward model until ground truth exists)."""
+
+    tasks: list[DownstreamTask] = Field(default_factory=lambda: ["i2t", "t2i"], min_length=1)
+    evaluator: VerifierKind = "reward"
+    reward_model: str = Field("data/reward/combo/model", description="A RewardModel directory (train_reward).")
+    clip: str | None = Field(None, description="open_clip model, for evaluator clipscore.")
+    heldout_splits: list[Literal["train", "valid", "test"]] = Field(
+        default_factory=lambda: ["test", "valid"],
+        min_length=1,
+        description="Held-out inputs = inputs with pairs in these splits of data/pairs (all inputs when none).",
+    )
+    max_inputs: int | None = Field(None, gt=0, description="Keep the first N held-out inputs (by input_id).")
+    batch_size: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluateDownstream:
+        _require_unique(list(self.tasks), "evaluate_downstream.tasks")
+        if self.evaluator == "clipscore" and self.clip is None:
+            raise ValueError("evaluator clipscore needs evaluate_downstream.clip")
+        return self
+
+
+class Retrain(Section):
+    """The retraining flow (flows/retrain.py): which reward model is registered, the frozen benchmark that compares the
+    new version (alias `challenger`) with the current `champion`, and the margin a challenger must win by.
+    Not a DVC stage: changing these keys invalidates nothing."""
+
+    registered_model: str = Field(
+        "cyclereward", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$", description="MLflow registered model name."
+    )
+    variant: RewardVariant = Field("combo", description="The train_reward variant that is registered and compared.")
+    benchmark: str = Field(
+        min_length=1,
+        description="Frozen pairs jsonl (cyclepref.reward.benchmarks format, human preference labels); the pairs of "
+        "the variant's tasks are scored. A missing file means no promotion.",
+    )
+    margin: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="The challenger replaces the champion only when its pairwise accuracy exceeds the champion's by "
+        "more than this (a fraction: 0.01 = one point).",
+    )
+    batch_size: int = Field(32, gt=0, description="Pairs per forward pass when scoring the benchmark.")
+    watch_dir: str | None = Field(
+        None,
+        description="New raw inputs (images and an optional texts.jsonl) dropped here are moved into "
+        "prepare_inputs.path before the pipeline runs; None: no ingestion.",
+    )
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="DVC stage -> registered model name: the models logged by that stage's runs (e.g. dpo_vlm, "
+        "diffusion_dpo LoRA adapters) are registered as new versions; no alias is moved.",
+    )
+
+
 class Params(Section):
     """The whole params file. Sections are added stage by stage; unknown top-level keys are rejected."""
 
@@ -161,6 +572,16 @@ class Params(Section):
     generate_t2i: GenerateT2I | None = None
     reconstruct_t2i: ReconstructT2I | None = None
     score_t2i: ScoreT2I | None = None
+    build_pairs: BuildPairs | None = None
+    gates: Gates | None = None
+    export_dataset: ExportDataset | None = None
+    train_reward: TrainReward | None = None
+    evaluate_reward: EvaluateReward | None = None
+    best_of_n: BestOfN | None = None
+    dpo_vlm: DpoVlm | None = None
+    diffusion_dpo: DiffusionDpo | None = None
+    evaluate_downstream: EvaluateDownstream | None = None
+    retrain: Retrain | None = None
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Params:
