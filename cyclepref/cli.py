@@ -60,5 +60,145 @@ def profile_check(path: Path = typer.Argument(PARAMS, help="A params file to val
     typer.echo(f"{path}: valid (profile {params.profile})")
 
 
+@app.command("score")
+def score(
+    images: list[Path] | None = typer.Argument(None, help="Image files to score."),
+    model: str = typer.Option(
+        ..., "--model", "-m", help="RewardModel directory, MLflow model directory or URI (models:/name@alias, runs:/)."
+    ),
+    text: list[str] | None = typer.Option(
+        None, "--text", "-t", help="One text for every image, one per image, or several texts for a single image."
+    ),
+    jsonl: Path | None = typer.Option(
+        None, "--jsonl", help='Batch mode: lines {"image": path, "text": str} (paths relative to the file); '
+        'prints each line with "score" added.'
+    ),
+    batch_size: int = typer.Option(32, min=1, help="Pairs per forward pass."),
+) -> None:
+    """Print reward scores (higher = better aligned) for image-text pairs."""
+    import json
+
+    from cyclepref.reward.data import decode
+    from cyclepref.reward.pyfunc import load_reward_model
+
+    if jsonl is not None:
+        if images or text:
+            typer.echo("--jsonl replaces IMAGE... and --text; give one or the other", err=True)
+            raise typer.Exit(2)
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        bad = [i + 1 for i, r in enumerate(rows) if not all(isinstance(r.get(k), str) for k in ("image", "text"))]
+        if bad:
+            typer.echo(f"{jsonl}: lines {bad[:10]} need string fields 'image' and 'text'", err=True)
+            raise typer.Exit(2)
+        paths = [jsonl.parent / r["image"] for r in rows]
+        texts = [r["text"] for r in rows]
+    else:
+        paths, texts = list(images or []), list(text or [])
+        if not paths or not texts:
+            typer.echo("give IMAGE... and --text (or --jsonl FILE)", err=True)
+            raise typer.Exit(2)
+        if len(texts) == 1:
+            texts = texts * len(paths)
+        elif len(paths) == 1:
+            paths = paths * len(texts)
+        elif len(paths) != len(texts):
+            typer.echo(f"{len(paths)} images but {len(texts)} texts: give one text, one image or as many", err=True)
+            raise typer.Exit(2)
+    decoded: dict[Path, object] = {}
+    for p in paths:
+        if p not in decoded:
+            try:
+                decoded[p] = decode(p)
+            except Exception as err:
+                typer.echo(f"{p}: cannot read image ({type(err).__name__}: {err})", err=True)
+                raise typer.Exit(2) from None
+    reward = load_reward_model(model)
+    scores = reward.score([decoded[p] for p in paths], texts, batch_size=batch_size).tolist()
+    if jsonl is not None:
+        for row, s in zip(rows, scores, strict=True):
+            typer.echo(json.dumps(row | {"score": s}, ensure_ascii=False))
+    else:
+        for p, t, s in zip(paths, texts, scores, strict=True):
+            typer.echo(f"{s:.6f}\t{p}\t{t}")
+
+
+def _project(root: Path) -> Path:
+    """The project root, importable (flows/ and tasks/ live there, beside dvc.yaml)."""
+    import sys
+
+    root = root.resolve()
+    if not (root / "dvc.yaml").exists():
+        typer.echo(f"{root}: no dvc.yaml here (run from the project root or pass --root)", err=True)
+        raise typer.Exit(2)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return root
+
+
+def _flow_failed(err: Exception) -> typer.Exit:
+    from flows.pipeline import ConfigError
+
+    typer.echo(f"{type(err).__name__}: {err}", err=True)
+    return typer.Exit(2 if isinstance(err, ConfigError) else 1)
+
+
+ROOT_OPTION = typer.Option(Path("."), "--root", help="Project root (dvc.yaml, params.yaml).")
+TIMEOUT_OPTION = typer.Option(None, "--timeout-s", help="Hard limit per stage, s (default $CYCLEPREF_STAGE_TIMEOUT_S).")
+RETRIES_OPTION = typer.Option(None, "--retries", min=0, help="Retries after a transient failure (default 2).")
+
+
+@app.command("pipeline")
+def pipeline_cmd(
+    root: Path = ROOT_OPTION, timeout_s: float | None = TIMEOUT_OPTION, retries: int | None = RETRIES_OPTION
+) -> None:
+    """Run every DVC stage as a Prefect flow (one task per stage), with an MLflow parent run and a child per stage."""
+    root = _project(root)
+    from flows.pipeline import pipeline
+
+    try:
+        result = pipeline(root=str(root), trigger="cli", stage_timeout_s=timeout_s, stage_retries=retries)
+    except Exception as err:
+        raise _flow_failed(err) from None
+    for o in result.outcomes:
+        typer.echo(f"{o.stage}\t{o.status}\t{o.seconds:.1f}s\t{o.child_run_id}")
+    typer.echo(f"MLflow pipeline run: {result.parent_run_id}")
+
+
+@app.command("retrain")
+def retrain_cmd(
+    root: Path = ROOT_OPTION,
+    ingest: bool = typer.Option(True, "--ingest/--no-ingest", help="Move new inputs from retrain.watch_dir first."),
+    timeout_s: float | None = TIMEOUT_OPTION,
+    retries: int | None = RETRIES_OPTION,
+) -> None:
+    """Ingest new inputs, run the pipeline, register the reward model and promote it if it beats the champion."""
+    root = _project(root)
+    from flows.retrain import retrain
+
+    try:
+        out = retrain(root=str(root), ingest=ingest, trigger="cli", stage_timeout_s=timeout_s, stage_retries=retries)
+    except Exception as err:
+        raise _flow_failed(err) from None
+    verdict = "promoted" if out.decision.promote else "kept champion"
+    typer.echo(f"{out.registered_model} v{out.challenger_version}: {verdict} ({out.decision.reason})")
+
+
+@app.command("serve-schedule")
+def serve_schedule_cmd(
+    root: Path = ROOT_OPTION,
+    cron: str | None = typer.Option(None, help="Cron schedule (default $CYCLEPREF_RETRAIN_CRON or '0 3 * * *')."),
+    timezone: str | None = typer.Option(None, help="Schedule time zone (default $CYCLEPREF_RETRAIN_TIMEZONE or UTC)."),
+    name: str = typer.Option("retrain-schedule", help="Deployment name."),
+) -> None:
+    """Serve the retraining flow on its cron schedule (one run at a time) until interrupted; needs PREFECT_API_URL."""
+    root = _project(root)
+    import os
+
+    os.chdir(root)
+    from flows.deploy import serve_schedule
+
+    serve_schedule(root, cron, timezone, name)
+
+
 if __name__ == "__main__":
     app()

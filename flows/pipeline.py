@@ -1,0 +1,391 @@
+"""The pipeline flow: every DVC stage in DVC's own order, one Prefect task per stage.
+
+Each task runs `dvc repro --single-item <stage>` in its own process group, so a stage has a hard timeout (the whole
+group is killed) and its GPU memory is freed when the process exits. DVC decides whether a stage runs or is skipped
+as up to date; Prefect caching is off (the only cache is DVC's). Only transient failures are retried (timeouts,
+processes killed by a signal, DVC lock contention, connection errors); a failed data-quality gate, a config error
+and any other stage error fail the flow at once. MLflow lineage: see flows/lineage.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import lineage, settings
+
+GATE_PREFIX = "gate@"
+GATE_REPORTS = "reports/dq"
+RUN_MARKER = "Running stage '"
+SKIP_MARKERS = ("didn't change, skipping", "is cached - skipping run")
+TRANSIENT_EXCEPTIONS = (
+    "ConnectionError",
+    "ConnectionResetError",
+    "ConnectionRefusedError",
+    "ConnectionAbortedError",
+    "BrokenPipeError",
+    "TimeoutError",
+    "OutOfMemoryError",
+)
+KILLED_CODES = {137, 143}
+
+
+class StageError(RuntimeError):
+    """A stage that did not complete; `transient` decides whether Prefect retries it."""
+
+    transient: ClassVar[bool] = False
+    kind: ClassVar[str] = "failed"
+
+    def __init__(self, stage: str, message: str, output: str = ""):
+        super().__init__(f"{stage}: {message}" + (f"\n--- last output ---\n{output}" if output else ""))
+        self.stage = stage
+        self.output = output
+
+
+class StageFailed(StageError):
+    """The stage's command failed (a code error, a missing input): retrying would fail the same way."""
+
+
+class ConfigError(StageError):
+    """Invalid params or dvc.yaml (stages exit with code 2 on a params error)."""
+
+    kind = "config error"
+
+
+class GateFailed(StageError):
+    """A data-quality gate failed a critical check; its report is reports/dq/<gate>.json."""
+
+    kind = "gate failed"
+
+
+class TransientStageError(StageError):
+    """A failure that may pass on a retry: a timeout, a killed process, a busy DVC lock, a lost connection."""
+
+    transient = True
+    kind = "transient"
+
+
+class StageTimeout(TransientStageError):
+    kind = "timeout"
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    status: str
+    seconds: float
+    attempts: int
+    child_run_id: str
+    producer_run_id: str | None
+    lock_hash: str | None
+
+
+@dataclass
+class PipelineResult:
+    parent_run_id: str
+    experiment_id: str
+    profile: str
+    stages: list[str]
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    failed_stage: str | None = None
+    error: str | None = None
+
+    def outcome(self, stage: str) -> StageOutcome | None:
+        return next((o for o in self.outcomes if o.stage == stage), None)
+
+
+def stage_order(root: Path) -> list[str]:
+    """The stages of root/dvc.yaml in the order `dvc repro` runs them (DVC's own planner on DVC's graph)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
+
+    try:
+        with Repo(str(root)) as repo:
+            stages = collect_stages(repo, [str(root / "dvc.yaml")])
+            return [_address(s) for s in plan_repro(get_active_graph(repo.index.graph), stages)]
+    except DvcException as err:
+        raise ConfigError("dvc.yaml", str(err)) from err
+
+
+def _address(stage) -> str:
+    """The stage's name as `dvc repro` takes it from the project root (Stage.addressing is relative to the cwd)."""
+    name = getattr(stage, "name", None)
+    if name is None:
+        return stage.path_in_repo
+    return name if stage.path_in_repo == "dvc.yaml" else f"{stage.path_in_repo}:{name}"
+
+
+def read_profile(root: Path) -> str:
+    from cyclepref.config import ParamsError, load_params
+
+    try:
+        return load_params(root / "params.yaml").profile
+    except ParamsError as err:
+        raise ConfigError("params.yaml", str(err)) from err
+
+
+def gate_report_path(root: Path, stage: str) -> Path | None:
+    return root / GATE_REPORTS / f"{stage[len(GATE_PREFIX):]}.json" if stage.startswith(GATE_PREFIX) else None
+
+
+def _gate_failed(root: Path, stage: str) -> bool:
+    import json
+
+    path = gate_report_path(root, stage)
+    if path is None or not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("success") is False
+    except ValueError:
+        return False
+
+
+def classify(stage: str, returncode: int, output: str, root: Path) -> StageError:
+    """The error for a `dvc repro` that exited with `returncode` after printing `output`."""
+    exited = re.findall(r"exited with (-?\d+)", output)
+    code = int(exited[-1]) if exited else None
+    exceptions = re.findall(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)):", output, flags=re.MULTILINE)
+    if "Unable to acquire lock" in output:
+        return TransientStageError(stage, "the DVC repository lock is held by another process", output)
+    status = code if code is not None else returncode
+    if returncode < 0 or returncode in KILLED_CODES or status < 0 or status in KILLED_CODES:
+        return TransientStageError(stage, f"killed by a signal (exit {status})", output)
+    if code == 2 or "is invalid" in output or "ParamsError" in exceptions:
+        return ConfigError(stage, f"invalid configuration (exit {status})", output)
+    if code == 1 and _gate_failed(root, stage):
+        return GateFailed(stage, f"data-quality gate failed, see {gate_report_path(root, stage)}", output)
+    if exceptions and exceptions[-1] in TRANSIENT_EXCEPTIONS:
+        return TransientStageError(stage, f"transient {exceptions[-1]}", output)
+    return StageFailed(stage, f"stage command failed (exit {status})", output)
+
+
+def stage_env(root: Path, parent_run_id: str) -> dict[str, str]:
+    """The stage's environment: this interpreter first on PATH, the tracking URI and the parent run."""
+    from cyclepref.tracking import tracking_uri
+
+    env = dict(os.environ)
+    env[lineage.PARENT_ENV] = parent_run_id
+    env["CYCLEPREF_MLFLOW_URI"] = tracking_uri(root)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def execute_stage(
+    stage: str, root: Path, env: dict[str, str], timeout_s: float, echo: Callable[[str], None] = print
+) -> tuple[str, float]:
+    """Run `dvc repro --single-item stage`; returns (executed | skipped, seconds) or raises a StageError."""
+    started = time.perf_counter()
+    tail: deque[str] = deque(maxlen=400)
+    seen = {"run": False, "skip": False}
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
+    except OSError as err:
+        raise TransientStageError(stage, f"cannot start dvc: {err}") from err
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n").rsplit("\r", 1)[-1]
+            seen["run"] |= RUN_MARKER in line
+            seen["skip"] |= any(m in line for m in SKIP_MARKERS)
+            tail.append(line)
+            if line.strip():
+                echo(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        returncode = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        reader.join(timeout=5)
+        raise StageTimeout(stage, f"exceeded {timeout_s:g} s and was killed", "\n".join(tail)) from None
+    reader.join()
+    if returncode != 0:
+        raise classify(stage, returncode, "\n".join(tail), root)
+    status = lineage.SKIPPED if seen["skip"] and not seen["run"] else lineage.EXECUTED
+    return status, round(time.perf_counter() - started, 2)
+
+
+def retry_transient(task_, task_run, state) -> bool:
+    """Prefect retry_condition_fn: retry only TransientStageError."""
+    try:
+        state.result()
+    except TransientStageError:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+@task(
+    name="dvc-stage",
+    task_run_name="{stage}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retry_condition_fn=retry_transient,
+)
+def run_stage(stage: str, root: str, parent_run_id: str, timeout_s: float) -> StageOutcome:
+    """One DVC stage in a subprocess, then its MLflow child run (tagged or created)."""
+    from prefect.runtime import task_run
+
+    logger = get_run_logger()
+    path = Path(root)
+    status, seconds = execute_stage(stage, path, stage_env(path, parent_run_id), timeout_s, echo=logger.info)
+    client = lineage.client(path)
+    record = (lineage.record_executed if status == lineage.EXECUTED else lineage.record_skipped)(
+        client, parent_run_id, stage, path
+    )
+    logger.info("%s: %s in %.1f s (MLflow run %s)", stage, status, seconds, record.child_run_id)
+    return StageOutcome(
+        stage, status, seconds, int(task_run.run_count or 1), record.child_run_id, record.producer_run_id,
+        record.lock_hash,
+    )
+
+
+def summary_markdown(result: PipelineResult, run_link: str) -> str:
+    """The run summary: every stage with its status (executed / skipped as up to date / failed / not run)."""
+    done = {o.stage: o for o in result.outcomes}
+    state = "FAILED" if result.failed_stage else "completed"
+    executed = sum(o.status == lineage.EXECUTED for o in result.outcomes)
+    skipped = sum(o.status == lineage.SKIPPED for o in result.outcomes)
+    lines = [
+        f"# cyclepref pipeline: {state}",
+        "",
+        f"Profile `{result.profile}`; {executed} stage(s) run, {skipped} skipped as up to date, "
+        f"{len(result.stages)} in the DAG. MLflow run: [{result.parent_run_id}]({run_link})",
+        "",
+        "| stage | status | seconds | attempts | MLflow run | outputs from run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in result.stages:
+        o = done.get(stage)
+        if o is not None:
+            lines.append(
+                f"| `{stage}` | {o.status} | {o.seconds:.1f} | {o.attempts} | {o.child_run_id} | "
+                f"{o.producer_run_id or 'unknown'} |"
+            )
+        elif stage == result.failed_stage:
+            lines.append(f"| `{stage}` | **failed** | | | | |")
+        else:
+            lines.append(f"| `{stage}` | not run | | | | |")
+    if result.error:
+        lines += ["", "## Error", "", "```", result.error[-4000:], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def gate_tables(root: Path, stages: list[str]) -> dict[str, list[dict]]:
+    """gate stage -> rows (one per check) of its report, for the gates whose report exists."""
+    import json
+
+    tables: dict[str, list[dict]] = {}
+    for stage in stages:
+        path = gate_report_path(root, stage)
+        if path is None or not path.exists():
+            continue
+        report = json.loads(path.read_text())
+        tables[stage] = [
+            {
+                "check": name,
+                "severity": check.get("severity"),
+                "success": check.get("success"),
+                "observed": str(check.get("observed")),
+                "expected": str(check.get("expected")),
+            }
+            for name, check in sorted(report.get("checks", {}).items())
+        ]
+    return tables
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def publish(result: PipelineResult, root: Path, client) -> None:
+    """Prefect artifacts (summary, one table per gate report, link to the MLflow run) and the summary in MLflow."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    link = lineage.run_url(settings.mlflow_ui_url(root), result.experiment_id, result.parent_run_id)
+    text = summary_markdown(result, link)
+    create_markdown_artifact(text, key="pipeline-summary", description="Stages run / skipped, seconds each")
+    ran = [o.stage for o in result.outcomes] + ([result.failed_stage] if result.failed_stage else [])
+    for stage, rows in gate_tables(root, ran).items():
+        create_table_artifact(rows, key=artifact_key(stage), description=f"Data-quality report of {stage}")
+    create_link_artifact(link, link_text="MLflow pipeline run", key="mlflow-pipeline-run")
+    client.log_text(result.parent_run_id, text, "pipeline_summary.md")
+
+
+@flow(name="cyclepref-pipeline", persist_result=False)
+def pipeline(
+    root: str = ".",
+    trigger: str = "manual",
+    stage_timeout_s: float | None = None,
+    stage_retries: int | None = None,
+    retry_delay_s: float | None = None,
+) -> PipelineResult:
+    """Run every DVC stage of `root` in dependency order; one MLflow parent run, one child per stage."""
+    from prefect.runtime import flow_run
+
+    path = Path(root).resolve()
+    stages = stage_order(path)
+    profile = read_profile(path)
+    timeout = settings.stage_timeout_s() if stage_timeout_s is None else stage_timeout_s
+    run = run_stage.with_options(
+        retries=settings.stage_retries() if stage_retries is None else stage_retries,
+        retry_delay_seconds=settings.retry_delay_s() if retry_delay_s is None else retry_delay_s,
+    )
+    client = lineage.client(path)
+    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "cyclepref.stages": ",".join(stages)}
+    parent = lineage.start_pipeline_run(client, path, profile, trigger, tags)
+    result = PipelineResult(parent, lineage.experiment_id(client), profile, stages)
+    current = None
+    try:
+        for current in stages:
+            result.outcomes.append(run(current, str(path), parent, timeout))
+    except BaseException as err:
+        result.failed_stage, result.error = current, str(err)
+        client.set_tag(parent, "cyclepref.failed_stage", current or "")
+        lineage.finish_pipeline_run(client, parent, path, failed=True)
+        publish(result, path, client)
+        raise
+    lineage.finish_pipeline_run(client, parent, path, failed=False)
+    publish(result, path, client)
+    return result

@@ -1,0 +1,403 @@
+"""The retraining flow: ingest new inputs -> pipeline -> register -> compare challenger and champion -> promote.
+
+1. Optionally move new raw inputs from params `retrain.watch_dir` into `prepare_inputs.path` (a folder source).
+2. Run the pipeline flow (DVC reruns what the new inputs or changed params invalidate).
+3. Register the reward model that train_reward logged for `retrain.variant` (a new version, or the existing version
+   when DVC skipped training), and what the stages in `retrain.adapters` produced (DPO LoRA adapters).
+4. Score the challenger and the current `champion` with their MLflow pyfuncs on the frozen benchmark
+   (`retrain.benchmark`); `decide` promotes only when the challenger wins by more than `retrain.margin`.
+5. Only then move aliases: `challenger` -> the new version; on promotion `previous-champion` -> the old champion
+   (for rollback) and `champion` -> the new version. The decision is recorded as model version tags, parent run
+   tags and a markdown artifact. Any failure before step 5 (a failed gate, a stage error) leaves aliases untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import lineage
+from flows.pipeline import PipelineResult, pipeline
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+REWARD_STAGE = "train_reward"
+TIE_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+def decide(challenger: float | None, champion: float | None, margin: float, benchmark_present: bool) -> Decision:
+    """Promote the challenger only when the benchmark exists and it beats the champion by more than `margin`
+    (or there is no champion yet). Accuracies are fractions; differences within 1e-9 count as ties."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    if not benchmark_present:
+        return Decision(False, "benchmark missing (or without pairs of the variant's tasks): nothing was compared")
+    if challenger is None:
+        raise ValueError("the benchmark is present, so the challenger's accuracy is required")
+    if champion is None:
+        return Decision(True, f"no champion yet: the challenger ({challenger:.4f}) becomes champion")
+    gain = challenger - champion
+    versus = f"challenger {challenger:.4f} vs champion {champion:.4f}"
+    if gain > margin + TIE_TOLERANCE:
+        return Decision(True, f"{versus}: challenger beats champion by {gain:.4f} > margin {margin}")
+    if abs(gain) <= TIE_TOLERANCE:
+        return Decision(False, f"{versus}: tie")
+    if gain < 0:
+        return Decision(False, f"{versus}: challenger is worse")
+    return Decision(False, f"{versus}: better by {gain:.4f}, not more than margin {margin}")
+
+
+@dataclass
+class RetrainResult:
+    pipeline_run_id: str
+    registered_model: str
+    challenger_version: str
+    champion_version: str | None
+    challenger_accuracy: float | None
+    champion_accuracy: float | None
+    benchmark: str
+    decision: Decision
+    ingested: dict[str, int] = field(default_factory=dict)
+    adapters: dict[str, list[str]] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- ingestion
+
+
+def ingest_inputs(watch_dir: Path, inputs_dir: Path, texts_file: str | None) -> dict[str, int]:
+    """Move new raw inputs from `watch_dir` into `inputs_dir/incoming/<stamp>/`.
+
+    Images anywhere under watch_dir are copied (same relative paths); rows of watch_dir/texts.jsonl are appended to
+    inputs_dir/<texts_file> with their "file" rewritten. The originals then move to watch_dir/.ingested/<stamp>/,
+    so nothing is ingested twice. Returns counts of images and text rows."""
+    from cyclepref.inputs import IMAGE_SUFFIXES
+
+    if not watch_dir.is_dir():
+        return {"images": 0, "texts": 0}
+    images = sorted(
+        p for p in watch_dir.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and ".ingested" not in p.relative_to(watch_dir).parts
+    )
+    texts = watch_dir / "texts.jsonl"
+    if not images and not texts.exists():
+        return {"images": 0, "texts": 0}
+    if texts.exists() and (texts_file is None or not texts_file.endswith(".jsonl")):
+        raise ValueError(f"{texts}: new texts need prepare_inputs.texts_file to be a .jsonl file, got {texts_file!r}")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = Path("incoming") / stamp
+    for src in images:
+        target = inputs_dir / dest / src.relative_to(watch_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    rows = []
+    if texts.exists():
+        for n, line in enumerate(texts.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"{texts}:{n}: expected a JSON object per line")
+            if row.get("file") is not None:
+                row["file"] = (dest / str(row["file"])).as_posix()
+            rows.append(row)
+        with open(inputs_dir / str(texts_file), "a") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    done = watch_dir / ".ingested" / stamp
+    for src in [*images, *([texts] if texts.exists() else [])]:
+        target = done / src.relative_to(watch_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(src, target)
+    return {"images": len(images), "texts": len(rows)}
+
+
+# ---------------------------------------------------------------- registry
+
+
+def producer_run(result: PipelineResult, stage: str) -> str:
+    outcome = result.outcome(stage)
+    if outcome is None:
+        raise LookupError(f"stage {stage} is not in this pipeline ({', '.join(result.stages)})")
+    if outcome.producer_run_id is None:
+        raise LookupError(
+            f"stage {stage} was skipped and no MLflow run produced its outputs (lock hash {outcome.lock_hash}) in "
+            "this tracking store; rerun it (`dvc repro --force --single-item "
+            f"{stage}`, with CYCLEPREF_MLFLOW_URI pointing at this store) and run the flow again"
+        )
+    return outcome.producer_run_id
+
+
+def logged_models(client, run_ids: list[str]) -> list:
+    """The MLflow logged models whose source run is one of `run_ids`, oldest first."""
+    exp = lineage.experiment_id(client)
+    found = []
+    for run_id in run_ids:
+        found += client.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")
+    return sorted(found, key=lambda m: m.creation_timestamp)
+
+
+def run_and_children(client, run_id: str) -> list[str]:
+    return [run_id, *(r.info.run_id for r in lineage.children(client, run_id))]
+
+
+def reward_model(client, train_run_id: str, variant: str):
+    """The logged reward model of `variant` from a train_reward run (its per-variant child runs, or the run itself)."""
+    kids = lineage.children(client, train_run_id)
+    variants = [r.info.run_id for r in kids if r.data.tags.get("cyclepref.variant") == variant]
+    models = logged_models(client, variants or [train_run_id])
+    if not models:
+        raise LookupError(f"train_reward run {train_run_id} logged no model for variant {variant}")
+    return models[-1]
+
+
+def register(client, name: str, model, tags: dict[str, str]):
+    """The registered version of a logged model: the existing one when it was registered before, else a new one."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        pass
+    else:
+        for version in client.search_model_versions(f"name = '{name}'"):
+            if model.model_id in (getattr(version, "model_id", None), version.source.removeprefix("models:/")):
+                return version
+    mlflow.set_tracking_uri(client.tracking_uri)
+    return mlflow.register_model(f"models:/{model.model_id}", name, tags=tags)
+
+
+def alias_version(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def apply_decision(client, name: str, challenger: str, champion: str | None, decision: Decision) -> None:
+    """Move the aliases; the only place where the retraining flow writes aliases."""
+    client.set_registered_model_alias(name, CHALLENGER, challenger)
+    if decision.promote and challenger != champion:
+        if champion is not None:
+            client.set_registered_model_alias(name, PREVIOUS, champion)
+        client.set_registered_model_alias(name, CHAMPION, challenger)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def benchmark_tasks(variant: str) -> tuple[str, ...]:
+    from cyclepref.reward import VARIANT_TASKS
+
+    return VARIANT_TASKS[variant]
+
+
+def benchmark_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "absent"
+
+
+def benchmark_pairs(path: Path, tasks: tuple[str, ...]) -> int:
+    from cyclepref.reward.benchmarks import load_benchmark
+
+    if not path.exists():
+        return 0
+    return sum(len(s) for t, s in load_benchmark(path).items() if t in tasks)
+
+
+def benchmark_accuracy(model_uri: str, path: Path, tasks: tuple[str, ...], batch_size: int) -> float:
+    """Pairwise accuracy of a registered reward model (loaded through its MLflow pyfunc) on the benchmark's pairs of
+    `tasks`, pooled over tasks (ties count one half)."""
+    from cyclepref.reward.benchmarks import load_benchmark
+    from cyclepref.reward.evaluate import RewardScorer, evaluate_pairset
+    from cyclepref.reward.pyfunc import load_reward_model
+
+    model = load_reward_model(model_uri)
+    correct, total = 0.0, 0
+    for task_name, pairset in load_benchmark(path).items():
+        if task_name not in tasks:
+            continue
+        acc = evaluate_pairset(pairset, [RewardScorer("reward", model)], batch_size)["reward"]
+        if acc is not None and acc.accuracy is not None:
+            correct += acc.accuracy * acc.n
+            total += acc.n
+    if total == 0:
+        raise ValueError(f"{path}: no pairs of tasks {tasks}")
+    return correct / total
+
+
+def decision_markdown(r: RetrainResult) -> str:
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.2f}%"
+
+    verdict = "PROMOTED" if r.decision.promote else "kept the champion"
+    return "\n".join([
+        f"# Retraining decision: {verdict}",
+        "",
+        f"{r.decision.reason}",
+        "",
+        "| | version | benchmark accuracy |",
+        "|---|---|---|",
+        f"| challenger | {r.challenger_version} | {fmt(r.challenger_accuracy)} |",
+        f"| champion before | {r.champion_version or 'none'} | {fmt(r.champion_accuracy)} |",
+        "",
+        f"Registered model `{r.registered_model}`; benchmark `{r.benchmark}`; "
+        f"pipeline MLflow run `{r.pipeline_run_id}`.",
+        f"Aliases now: `{CHALLENGER}` -> {r.challenger_version}"
+        + (f", `{CHAMPION}` -> {r.challenger_version}" if r.decision.promote else "")
+        + (f", `{PREVIOUS}` -> {r.champion_version}" if r.decision.promote and r.champion_version else "")
+        + ".",
+        f"New inputs ingested: {r.ingested or 'none'}; adapters registered: {r.adapters or 'none'}.",
+    ]) + "\n"
+
+
+def promote(
+    client,
+    result: PipelineResult,
+    cfg,
+    root: Path,
+    evaluate=benchmark_accuracy,
+) -> RetrainResult:
+    """Register the pipeline's reward model, compare it with the champion and move the aliases (steps 3-5).
+    `evaluate(model_uri, benchmark, tasks, batch_size) -> accuracy` scores one registered version."""
+    name = cfg.registered_model
+    train_run = producer_run(result, REWARD_STAGE)
+    model = reward_model(client, train_run, cfg.variant)
+    tags = {"cyclepref.pipeline_run_id": result.parent_run_id, "cyclepref.variant": cfg.variant}
+    challenger = str(register(client, name, model, tags).version)
+    champion = alias_version(client, name, CHAMPION)
+    bench = (root / cfg.benchmark).resolve()
+    tasks = benchmark_tasks(cfg.variant)
+    present = benchmark_pairs(bench, tasks) > 0
+    challenger_acc = champion_acc = None
+    if champion == challenger:
+        decision = Decision(False, f"version {challenger} is already the champion (no new reward model)")
+    else:
+        if present:
+            challenger_acc = evaluate(f"models:/{name}/{challenger}", bench, tasks, cfg.batch_size)
+            if champion is not None:
+                champion_acc = evaluate(f"models:/{name}@{CHAMPION}", bench, tasks, cfg.batch_size)
+        decision = decide(challenger_acc, champion_acc, cfg.margin, present)
+    out = RetrainResult(
+        result.parent_run_id, name, challenger, champion, challenger_acc, champion_acc, str(bench), decision
+    )
+    record = {
+        "cyclepref.decision": "promoted" if decision.promote else "kept",
+        "cyclepref.decision_reason": decision.reason,
+        "cyclepref.champion_before": champion or "none",
+        "cyclepref.challenger_accuracy": "n/a" if challenger_acc is None else f"{challenger_acc:.6f}",
+        "cyclepref.champion_accuracy": "n/a" if champion_acc is None else f"{champion_acc:.6f}",
+        "cyclepref.benchmark": str(bench),
+        "cyclepref.benchmark_digest": benchmark_digest(bench),
+    }
+    apply_decision(client, name, challenger, champion, decision)
+    for key, value in record.items():
+        client.set_model_version_tag(name, challenger, key, value)
+        client.set_tag(result.parent_run_id, f"retrain.{key.removeprefix('cyclepref.')}", value)
+    client.set_tag(result.parent_run_id, "retrain.challenger_version", challenger)
+    return out
+
+
+ADAPTER_ARTIFACT = "adapter"
+
+
+def register_artifact_dir(client, name: str, run_id: str, artifact_path: str, tags: dict[str, str]):
+    """The registered version of a run's artifact directory (e.g. a peft adapter): existing or new."""
+    from mlflow.exceptions import MlflowException
+
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            if version.source == source:
+                return version
+    return client.create_model_version(name, source, run_id=run_id, tags=tags)
+
+
+def register_adapters(client, result: PipelineResult, adapters: dict[str, str]) -> dict[str, list[str]]:
+    """Register what the stages in `adapters` (stage -> registered model name) produced: their logged models, or
+    else the `adapter` artifact directory of the stage's run. Stages not in this pipeline are left out."""
+    out: dict[str, list[str]] = {}
+    for stage, name in adapters.items():
+        if result.outcome(stage) is None:
+            continue
+        run_id = producer_run(result, stage)
+        tags = {"cyclepref.pipeline_run_id": result.parent_run_id, "cyclepref.stage": stage}
+        models = logged_models(client, run_and_children(client, run_id))
+        if models:
+            out[stage] = [str(register(client, name, m, tags).version) for m in models]
+        elif any(a.path == ADAPTER_ARTIFACT for a in client.list_artifacts(run_id)):
+            out[stage] = [str(register_artifact_dir(client, name, run_id, ADAPTER_ARTIFACT, tags).version)]
+        else:
+            raise LookupError(f"stage {stage} (run {run_id}) logged no model and no '{ADAPTER_ARTIFACT}' artifact")
+    return out
+
+
+# ---------------------------------------------------------------- flow
+
+
+@task(name="ingest-inputs", cache_policy=NO_CACHE, persist_result=False)
+def ingest_task(watch_dir: str, inputs_dir: str, texts_file: str | None) -> dict[str, int]:
+    return ingest_inputs(Path(watch_dir), Path(inputs_dir), texts_file)
+
+
+@task(name="register-and-promote", cache_policy=NO_CACHE, persist_result=False)
+def promote_task(result: PipelineResult, root: str) -> RetrainResult:
+    from cyclepref.config import load_params
+
+    path = Path(root)
+    cfg = load_params(path / "params.yaml").retrain
+    client = lineage.client(path)
+    adapters = register_adapters(client, result, cfg.adapters)
+    out = promote(client, result, cfg, path)
+    out.adapters = adapters
+    return out
+
+
+@flow(name="cyclepref-retrain", persist_result=False)
+def retrain(
+    root: str = ".",
+    ingest: bool = True,
+    trigger: str = "manual",
+    stage_timeout_s: float | None = None,
+    stage_retries: int | None = None,
+    retry_delay_s: float | None = None,
+) -> RetrainResult:
+    """Ingest -> pipeline -> register -> champion/challenger on the frozen benchmark -> aliases."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from cyclepref.config import load_params, require
+
+    path = Path(root).resolve()
+    params = load_params(path / "params.yaml")
+    cfg = require(params.retrain, "retrain")
+    ingested: dict[str, int] = {}
+    if ingest and cfg.watch_dir:
+        inputs = params.prepare_inputs
+        if inputs.source != "folder":
+            raise ValueError(f"retrain.watch_dir needs prepare_inputs.source 'folder', got {inputs.source!r}")
+        ingested = ingest_task(str(path / cfg.watch_dir), str(path / inputs.path), inputs.texts_file)
+        get_run_logger().info("ingested %s", ingested)
+    result = pipeline(
+        root=str(path), trigger=trigger, stage_timeout_s=stage_timeout_s, stage_retries=stage_retries,
+        retry_delay_s=retry_delay_s,
+    )
+    out = promote_task(result, str(path))
+    out.ingested = ingested
+    text = decision_markdown(out)
+    create_markdown_artifact(text, key="retrain-decision", description="Champion / challenger decision")
+    lineage.client(path).log_text(result.parent_run_id, text, "retrain_decision.md")
+    return out

@@ -1,0 +1,319 @@
+"""The pipeline and retraining flows on tiny real DVC projects (one Prefect test server per session), failure
+classification and retries, hard timeouts, ingestion, the scheduled deployment and the CLI commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from flow_projects import ROOT, command_project, inputs_project
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from flows import lineage
+from flows.pipeline import (
+    ConfigError,
+    GateFailed,
+    PipelineResult,
+    StageFailed,
+    StageOutcome,
+    StageTimeout,
+    TransientStageError,
+    classify,
+    execute_stage,
+    pipeline,
+    retry_transient,
+    stage_env,
+    stage_order,
+)
+from flows.retrain import ingest_inputs, retrain
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect server for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def stage_path(monkeypatch):
+    """Stage subprocesses import tasks/ from this repository."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+
+
+def _task_runs(flow_run_id: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_pipeline_flow_runs_stages_in_dvc_order_with_mlflow_lineage(prefect_api, mlflow_uri, stage_path, tmp_path):
+    from prefect.artifacts import Artifact
+
+    project = inputs_project(tmp_path / "project")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    client = MlflowClient(mlflow_uri)
+
+    first = pipeline(root=str(project), trigger="test", stage_retries=0)
+    assert first.stages == stage_order(project) == ["prepare_inputs", "gate@inputs", "summarise"]
+    assert [(o.stage, o.status, o.attempts) for o in first.outcomes] == [
+        (s, "executed", 1) for s in first.stages
+    ]
+    parent = client.get_run(first.parent_run_id)
+    tags = parent.data.tags
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "pipeline"
+    assert tags["cyclepref.trigger"] == "test" and tags["cyclepref.profile"] == "flowtest"
+    assert tags["git.commit"] == head and tags["git.dirty"] in {"true", "false"}
+    assert tags["dvc.lock.digest"] == "absent" and tags["dvc.lock.digest_after"] == lineage.lock_digest(project)
+    kids = lineage.children(client, first.parent_run_id)
+    assert [k.info.run_name for k in kids] == first.stages
+    locks = lineage.lock_entries(project)
+    for kid, outcome in zip(kids, first.outcomes, strict=True):
+        assert kid.info.run_id == outcome.child_run_id and kid.info.status == "FINISHED"
+        assert kid.data.tags[lineage.STATUS_TAG] == "executed"
+        assert kid.data.tags[lineage.LOCK_TAG] == lineage.lock_hash(locks[outcome.stage])
+        assert "stage_seconds" in kid.data.metrics
+    assert kids[0].data.params["source"] == "folder" and kids[1].data.metrics["success"] == 1.0
+    assert kids[2].data.metrics["rows"] == 16.0
+
+    second = pipeline(root=str(project), trigger="test", stage_retries=0)
+    assert [o.status for o in second.outcomes] == ["skipped"] * 3
+    skipped = lineage.children(client, second.parent_run_id)
+    assert [k.info.run_name for k in skipped] == second.stages
+    assert [k.data.tags[lineage.SOURCE_TAG] for k in skipped] == [o.child_run_id for o in first.outcomes]
+    assert client.get_run(second.parent_run_id).data.tags["dvc.lock.digest"] == tags["dvc.lock.digest_after"]
+
+    summary = Artifact.get("pipeline-summary")
+    assert "0 stage(s) run, 3 skipped as up to date" in summary.data
+    assert "| `gate@inputs` | skipped |" in summary.data
+    gate_rows = json.loads(Artifact.get("gate-inputs").data)
+    assert gate_rows and all(row["success"] for row in gate_rows)
+    assert second.parent_run_id in Artifact.get("mlflow-pipeline-run").data
+    assert "pipeline_summary.md" in [a.path for a in client.list_artifacts(second.parent_run_id)]
+
+
+def test_gate_failure_fails_retrain_without_retry_and_leaves_aliases(prefect_api, mlflow_uri, stage_path, tmp_path):
+    project = inputs_project(tmp_path / "project", min_rows=1000)
+    client = MlflowClient(mlflow_uri)
+    client.create_registered_model("cyclereward")
+    champion = client.create_model_version("cyclereward", source=str(tmp_path), run_id=None)
+    client.set_registered_model_alias("cyclereward", "champion", champion.version)
+
+    with pytest.raises(GateFailed, match="gate@inputs"):
+        retrain(root=str(project), trigger="test", stage_retries=3, retry_delay_s=0)
+
+    assert {k: str(v) for k, v in client.get_registered_model("cyclereward").aliases.items()} == {"champion": "1"}
+    assert len(client.search_model_versions("name = 'cyclereward'")) == 1
+    exp = lineage.experiment_id(client)
+    gate_runs = client.search_runs([exp], "tags.`cyclepref.stage` = 'gate@inputs'")
+    assert len(gate_runs) == 1 and gate_runs[0].info.status == "FAILED"
+    [parent] = client.search_runs([exp], "tags.`cyclepref.kind` = 'pipeline'")
+    assert parent.info.status == "FAILED" and parent.data.tags["cyclepref.failed_stage"] == "gate@inputs"
+    assert not any(k.startswith("retrain.") for k in parent.data.tags)
+    runs = {t.name: t for t in _task_runs(parent.data.tags["prefect.flow_run_id"])}
+    assert runs["gate@inputs"].state.is_failed() and runs["gate@inputs"].run_count == 1
+    assert runs["prepare_inputs"].state.is_completed()
+    assert json.loads((project / "reports/dq/inputs.json").read_text())["success"] is False
+
+
+TRAIN = '''"""Logs a model the way train_reward does: a nested run per variant inside the stage's run."""
+import mlflow
+
+from cyclepref import stage
+
+
+def run(params, root):
+    tags = {"cyclepref.stage": "train_reward", "cyclepref.variant": "combo"}
+    with mlflow.start_run(run_name="train_reward/combo", nested=True, tags=tags) as variant:
+        model = mlflow.initialize_logged_model(name="reward_model", source_run_id=variant.info.run_id)
+        mlflow.finalize_logged_model(model.model_id, "READY")
+    (root / "model.txt").write_text(model.model_id)
+    return {"variants": 1}
+
+
+stage.main("train_reward", run)
+'''
+
+
+def test_retrain_flow_ingests_registers_and_records_the_decision(prefect_api, mlflow_uri, tmp_path):
+    from prefect.artifacts import Artifact
+
+    stages = {"train_reward": {"cmd": "python train.py", "deps": ["train.py"], "outs": ["model.txt"]}}
+    files = {"train.py": TRAIN, "data/inputs/texts.jsonl": "", "incoming/texts.jsonl": '{"prompt": "a red cube"}\n'}
+    retrain_params = {"registered_model": "cyclereward", "benchmark": "absent.jsonl", "watch_dir": "incoming"}
+    project = command_project(tmp_path / "retrain", stages, files, {"retrain": retrain_params})
+    client = MlflowClient(mlflow_uri)
+
+    first = retrain(root=str(project), trigger="test", stage_retries=0)
+    assert first.ingested == {"images": 0, "texts": 1}
+    assert (project / "data/inputs/texts.jsonl").read_text() == '{"prompt": "a red cube"}\n'
+    assert (first.challenger_version, first.champion_version, first.decision.promote) == ("1", None, False)
+    assert "benchmark missing" in first.decision.reason
+    version = client.get_model_version("cyclereward", "1")
+    assert version.source == f"models:/{(project / 'model.txt').read_text()}"
+    assert version.tags["cyclepref.pipeline_run_id"] == first.pipeline_run_id
+    assert version.tags["cyclepref.decision"] == "kept"
+    assert {k: str(v) for k, v in client.get_registered_model("cyclereward").aliases.items()} == {"challenger": "1"}
+    parent = client.get_run(first.pipeline_run_id)
+    assert parent.data.tags["retrain.decision"] == "kept"
+    assert "retrain_decision.md" in [a.path for a in client.list_artifacts(first.pipeline_run_id)]
+    assert "kept the champion" in Artifact.get("retrain-decision").data
+
+    second = retrain(root=str(project), trigger="test", stage_retries=0)
+    assert second.ingested == {"images": 0, "texts": 0}
+    assert second.challenger_version == "1"
+    assert len(client.search_model_versions("name = 'cyclereward'")) == 1
+    [skipped] = lineage.children(client, second.pipeline_run_id)
+    assert skipped.data.tags[lineage.STATUS_TAG] == "skipped"
+    assert skipped.data.tags[lineage.SOURCE_TAG] == lineage.children(client, first.pipeline_run_id)[0].info.run_id
+
+
+def test_transient_failure_is_retried_and_silent_stage_gets_a_child(prefect_api, mlflow_uri, tmp_path):
+    flaky = (
+        "import os, pathlib, signal; p = pathlib.Path('attempted'); first = not p.exists(); p.touch(); "
+        "first and os.kill(os.getpid(), signal.SIGKILL); pathlib.Path('flaky.txt').write_text('ok')"
+    )
+    project = command_project(tmp_path / "flaky", {"flaky": {"cmd": f'python -c "{flaky}"', "outs": ["flaky.txt"]}})
+    result = pipeline(root=str(project), trigger="test", stage_retries=2, retry_delay_s=0)
+    [outcome] = result.outcomes
+    assert (outcome.status, outcome.attempts) == ("executed", 2)
+    child = MlflowClient(mlflow_uri).get_run(outcome.child_run_id)
+    assert child.info.run_name == "flaky" and child.data.tags[lineage.PARENT_TAG] == result.parent_run_id
+
+
+def test_stage_timeout_kills_the_whole_process_group(tmp_path):
+    sleeper = "import os, pathlib, time; pathlib.Path('pid').write_text(str(os.getpid())); time.sleep(120)"
+    project = command_project(tmp_path / "slow", {"slow": {"cmd": f'python -c "{sleeper}"', "outs": ["never.txt"]}})
+    started = time.monotonic()
+    with pytest.raises(StageTimeout) as err:
+        execute_stage("slow", project, stage_env(project, "parent"), timeout_s=8, echo=lambda line: None)
+    assert err.value.transient and time.monotonic() - started < 60
+    pid = int((project / "pid").read_text())
+    for _ in range(50):
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def _gate_report(root: Path, name: str, success: bool) -> None:
+    path = root / "reports/dq" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"gate": name, "success": success, "checks": {}}))
+
+
+def test_failures_are_classified(tmp_path):
+    failed = "ERROR: failed to reproduce 'x': failed to run: python -m tasks.x, exited with {}"
+    assert type(classify("x", 255, failed.format(2), tmp_path)) is ConfigError
+    assert type(classify("x", 255, "ERROR: './dvc.yaml' is invalid.", tmp_path)) is ConfigError
+    _gate_report(tmp_path, "pairs", success=False)
+    assert type(classify("gate@pairs", 255, failed.format(1), tmp_path)) is GateFailed
+    _gate_report(tmp_path, "inputs", success=True)
+    assert type(classify("gate@inputs", 255, failed.format(1), tmp_path)) is StageFailed
+    assert type(classify("x", 255, "ValueError: bad\n" + failed.format(1), tmp_path)) is StageFailed
+    assert type(classify("x", 255, failed.format(-9), tmp_path)) is TransientStageError
+    assert type(classify("x", 255, "ERROR: Unable to acquire lock. Most likely", tmp_path)) is TransientStageError
+    assert type(classify("x", -15, "", tmp_path)) is TransientStageError
+    crashed = "Traceback (most recent call last):\nrequests.exceptions.ConnectionError: reset\n" + failed.format(1)
+    assert type(classify("x", 255, crashed, tmp_path)) is TransientStageError
+    assert not any(e.transient for e in (ConfigError("x", ""), GateFailed("x", ""), StageFailed("x", "")))
+
+
+def test_only_transient_errors_are_retried():
+    from prefect.states import Completed, Failed
+
+    assert retry_transient(None, None, Failed(data=TransientStageError("x", "lock")))
+    assert retry_transient(None, None, Failed(data=StageTimeout("x", "slow")))
+    for err in (GateFailed("gate@x", "failed"), ConfigError("x", "exit 2"), StageFailed("x", "exit 1"), OSError()):
+        assert not retry_transient(None, None, Failed(data=err))
+    assert not retry_transient(None, None, Completed(data=1))
+
+
+def test_ingest_moves_new_inputs_once(tmp_path):
+    watch, inputs = tmp_path / "watch", tmp_path / "inputs"
+    (watch / "batch").mkdir(parents=True)
+    inputs.mkdir()
+    (inputs / "texts.jsonl").write_text('{"file": "images/old.jpg", "prompt": "old"}\n')
+    (watch / "batch" / "new.png").write_bytes(b"png")
+    (watch / "texts.jsonl").write_text('{"file": "batch/new.png", "prompt": "new"}\n{"prompt": "text only"}\n')
+
+    assert ingest_inputs(watch, inputs, "texts.jsonl") == {"images": 1, "texts": 2}
+    rows = [json.loads(line) for line in (inputs / "texts.jsonl").read_text().splitlines()]
+    assert rows[0]["file"] == "images/old.jpg" and rows[2] == {"prompt": "text only"}
+    assert (inputs / rows[1]["file"]).read_bytes() == b"png" and rows[1]["file"].startswith("incoming/")
+    assert not (watch / "texts.jsonl").exists() and list((watch / ".ingested").rglob("new.png"))
+    assert ingest_inputs(watch, inputs, "texts.jsonl") == {"images": 0, "texts": 0}
+    (watch / "texts.jsonl").write_text('{"prompt": "x"}\n')
+    with pytest.raises(ValueError, match="jsonl"):
+        ingest_inputs(watch, inputs, None)
+
+
+def test_deployment_is_cron_scheduled_with_concurrency_one(monkeypatch, tmp_path):
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    from flows.deploy import build_deployment
+
+    monkeypatch.setenv("CYCLEPREF_RETRAIN_CRON", "15 2 * * 1")
+    deployment = build_deployment(tmp_path)
+    [schedule] = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("15 2 * * 1", "UTC")
+    assert deployment.concurrency_limit == 1
+    assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+    assert deployment.parameters == {"root": str(tmp_path.resolve()), "trigger": "schedule", "ingest": True}
+    assert deployment.entrypoint == "flows/retrain.py:retrain"
+    assert build_deployment(tmp_path, cron="0 * * * *", timezone="Europe/Paris").schedules[0].schedule.timezone == (
+        "Europe/Paris"
+    )
+
+
+def test_cli_commands_call_the_flows(monkeypatch, tmp_path):
+    import flows.deploy
+    import flows.pipeline
+    from cyclepref.cli import app
+
+    calls: dict[str, dict] = {}
+
+    def fake_pipeline(**kwargs):
+        calls["pipeline"] = kwargs
+        outcome = StageOutcome("prepare_inputs", "skipped", 0.4, 1, "child", "source", "hash")
+        return PipelineResult("parent-run", "0", "flowtest", ["prepare_inputs"], [outcome])
+
+    monkeypatch.setattr(flows.pipeline, "pipeline", fake_pipeline)
+    monkeypatch.setattr(flows.deploy, "serve_schedule", lambda *args: calls.setdefault("serve", args))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["pipeline", "--root", str(tmp_path), "--timeout-s", "60", "--retries", "0"])
+    assert result.exit_code == 0, result.output
+    assert calls["pipeline"] == {"root": str(tmp_path.resolve()), "trigger": "cli", "stage_timeout_s": 60.0,
+                                 "stage_retries": 0}
+    assert "prepare_inputs\tskipped" in result.output and "parent-run" in result.output
+    cwd = os.getcwd()
+    try:
+        result = runner.invoke(app, ["serve-schedule", "--root", str(tmp_path), "--cron", "0 4 * * *"])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    assert calls["serve"] == (tmp_path.resolve(), "0 4 * * *", None, "retrain-schedule")
+    assert runner.invoke(app, ["pipeline", "--root", str(tmp_path / "missing")]).exit_code == 2
+
+
+def test_cli_reports_a_config_error_with_exit_2(monkeypatch, tmp_path):
+    import flows.pipeline
+    from cyclepref.cli import app
+
+    def broken(**kwargs):
+        raise ConfigError("params.yaml", "invalid")
+
+    monkeypatch.setattr(flows.pipeline, "pipeline", broken)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    result = CliRunner().invoke(app, ["pipeline", "--root", str(tmp_path)])
+    assert result.exit_code == 2 and "invalid" in result.output
