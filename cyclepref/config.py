@@ -305,6 +305,12 @@ class RewardBackbone(Section):
     )
     fix_rate: float = Field(0.7, ge=0.0, le=1.0, description="Share of text layers and ViT blocks frozen (paper 0.7).")
     max_length: int = Field(128, gt=0, description="Text tokens (paper: 128).")
+    image_size: int | None = Field(
+        None,
+        gt=0,
+        description="Input resolution in px; None = the checkpoint's. Another size resamples the ViT position "
+        "embeddings once (bicubic), e.g. 224 (the paper's) on a 384-px BLIP ITM checkpoint.",
+    )
 
 
 class RewardData(Section):

@@ -1,0 +1,40 @@
+"""Downstream uses of the preference data and the reward model (PAPER.md §6).
+
+best_of_n            sample N candidates per held-out input, keep the best by a verifier (reward model, raw cycle
+                     score, CLIPScore); quality of the pick against N, scored by the profile's evaluator
+dpo_vlm              DPO of a LLaVA-family captioner on the I2T pairs (trl DPOTrainer + peft LoRA)
+diffusion_dpo        Diffusion-DPO of a UNet text-to-image model on the T2I pairs (LoRA; reference = adapter off)
+evaluate_downstream  the two DPO-trained models against their base models on held-out inputs
+
+Layout of what the stages write:
+  data/downstream/best_of_n/        candidates_<task>.parquet (every sample with every verifier's score), plots
+  data/downstream/dpo_vlm/adapter/  peft LoRA adapter of the captioner (+ downstream.json: base model, settings)
+  data/downstream/diffusion_dpo/adapter/  diffusers LoRA weights of the UNet (+ downstream.json)
+  reports/downstream/<stage>.json   DVC metrics; reports/downstream/best_of_n_<task>.csv: DVC plot data
+Evaluator: on the default profile the reward model scores the outcomes (no ground truth exists there), which
+favours the reward-model verifier and the DPO models trained on the pairs it was distilled from.
+"""
+
+from __future__ import annotations
+
+OUT_DIR = "data/downstream"
+REPORT_DIR = "reports/downstream"
+META_FILE = "downstream.json"
+
+
+def stage_dir(stage: str) -> str:
+    return f"{OUT_DIR}/{stage}"
+
+
+def adapter_dir(stage: str) -> str:
+    """Where dpo_vlm / diffusion_dpo write their adapter."""
+    return f"{OUT_DIR}/{stage}/adapter"
+
+
+def report_path(name: str) -> str:
+    return f"{REPORT_DIR}/{name}.json"
+
+
+def plot_path(task: str) -> str:
+    """Best-of-N curve of one task (CSV: n, one column per verifier)."""
+    return f"{REPORT_DIR}/best_of_n_{task}.csv"

@@ -1,0 +1,218 @@
+"""Diffusion-DPO (Wallace et al. 2023; PAPER.md §6) of a UNet text-to-image pipeline with a LoRA adapter.
+
+For a (prompt, preferred image, rejected image) pair both images are encoded by the frozen VAE and noised with the
+same noise and timestep; the UNet with the adapter is the trained model, the same UNet with the adapter disabled is
+the reference. Loss: cyclepref.downstream.losses.diffusion_dpo_loss. The adapter is saved in diffusers' LoRA format
+(pytorch_lora_weights.safetensors), so `pipeline.load_lora_weights(dir)` restores it for generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from cyclepref.config import DiffusionDpo, LoraSpec, T2ISpec
+from cyclepref.downstream import META_FILE
+from cyclepref.downstream.data import atomic_dir, local_spec
+from cyclepref.downstream.losses import diffusion_dpo_loss
+
+
+class DiffusionDpoModel:
+    """A pipeline's components for Diffusion-DPO: frozen VAE and text encoder, the UNet with a trainable LoRA."""
+
+    def __init__(self, pipe, lora: LoraSpec, resolution: int, device: str = "cpu"):
+        from diffusers import DDPMScheduler
+        from peft import LoraConfig
+
+        if not hasattr(pipe, "unet"):
+            raise ValueError(f"{type(pipe).__name__} has no UNet; Diffusion-DPO here supports the 'sd' family")
+        self.pipe, self.device, self.resolution = pipe, device, resolution
+        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+        self.unet.add_adapter(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                         target_modules=lora.target_modules, init_lora_weights="gaussian"))
+        for p in self.trainable():
+            p.data = p.data.float()
+        self.weight_dtype = self.vae.dtype
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.unet.named_parameters() if p.requires_grad]
+
+    def _autocast(self):
+        if self.device == "cpu" or self.weight_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=self.weight_dtype)
+
+    def pixels(self, images: Sequence) -> torch.Tensor:
+        """RGB images -> (B, 3, R, R) in [-1, 1]: shorter side resized to R, centre crop."""
+        from torchvision import transforms as T
+
+        tf = T.Compose([T.Resize(self.resolution, interpolation=T.InterpolationMode.BILINEAR),
+                        T.CenterCrop(self.resolution), T.ToTensor(), T.Normalize([0.5], [0.5])])
+        return torch.stack([tf(im.convert("RGB")) for im in images])
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        return self.text_encoder(tok.input_ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence, generator: torch.Generator) -> torch.Tensor:
+        x = self.pixels(images).to(self.device, self.weight_dtype)
+        dist = self.vae.encode(x).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+        return (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
+
+    def predictions(self, examples: Sequence, generator: torch.Generator):
+        """(model prediction, reference prediction, target), each (2B, C, h, w): preferred rows, then rejected."""
+        latents = self.encode_images([e.chosen for e in examples] + [e.rejected for e in examples], generator)
+        b = len(examples)
+        noise = torch.randn((b, *latents.shape[1:]), generator=generator).to(latents).repeat(2, 1, 1, 1)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (b,), generator=generator).to(self.device).repeat(2)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            raise ValueError(f"unsupported prediction_type {kind!r}")
+        emb = self.encode_prompts([e.prompt for e in examples]).repeat(2, 1, 1)
+        with self._autocast():
+            model_pred = self.unet(noisy, t, emb).sample
+            with torch.no_grad():
+                self.unet.disable_adapters()
+                try:
+                    ref_pred = self.unet(noisy, t, emb).sample
+                finally:
+                    self.unet.enable_adapters()
+        return model_pred, ref_pred, target
+
+    def loss(self, examples: Sequence, beta: float, generator: torch.Generator):
+        return diffusion_dpo_loss(*self.predictions(examples, generator), beta)
+
+
+def evaluate(model: DiffusionDpoModel, examples: Sequence, beta: float, batch_size: int, seed: int) -> dict:
+    """Mean loss and implicit accuracy over examples with a fixed generator (comparable across calls)."""
+    if not len(examples):
+        return {}
+    gen = torch.Generator().manual_seed(seed)
+    total, acc = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            loss, stats = model.loss(chunk, beta, gen)
+            total += float(loss) * len(chunk)
+            acc += float(stats["implicit_accuracy"]) * len(chunk)
+    return {"loss": total / len(examples), "implicit_accuracy": acc / len(examples)}
+
+
+def train_steps(model: DiffusionDpoModel, examples: Sequence, cfg: DiffusionDpo,
+                log_metrics: Callable[[dict, int], None] | None = None) -> list[dict]:
+    """AdamW on the LoRA parameters; each step averages cfg.grad_accum micro-batches of cfg.batch_size pairs."""
+    opt = torch.optim.AdamW(model.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    per_step = cfg.batch_size * cfg.grad_accum
+    total = cfg.max_steps or cfg.epochs * math.ceil(len(examples) / per_step)
+    model.unet.train()
+    history: list[dict] = []
+    while len(history) < total:
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        for start in range(0, len(order), per_step):
+            group = order[start : start + per_step]
+            opt.zero_grad(set_to_none=True)
+            losses, accs = [], []
+            for m in range(0, len(group), cfg.batch_size):
+                micro = [examples[i] for i in group[m : m + cfg.batch_size]]
+                loss, stats = model.loss(micro, cfg.beta, gen)
+                (loss * len(micro) / len(group)).backward()
+                losses.append(loss.item() * len(micro))
+                accs.append(stats["implicit_accuracy"].item() * len(micro))
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.trainable(), cfg.max_grad_norm)
+            opt.step()
+            row = {"loss": sum(losses) / len(group), "implicit_accuracy": sum(accs) / len(group)}
+            history.append(row)
+            if log_metrics is not None:
+                log_metrics(row, len(history))
+            if len(history) >= total:
+                break
+    model.unet.eval()
+    return history
+
+
+def train_diffusion_dpo(cfg: DiffusionDpo, root: Path, device: str, out_dir: Path,
+                        log_metrics: Callable[[dict, int], None] | None = None) -> dict:
+    """Train on the train T2I pairs, validate before and after on the valid pairs, save the adapter to out_dir."""
+    from cyclepref.downstream.data import pair_examples
+    from cyclepref.models.t2i import TextToImage
+
+    torch.manual_seed(cfg.seed)
+    train = pair_examples(root, "t2i", "train", cfg.max_pairs)
+    valid = pair_examples(root, "t2i", "valid")
+    if not len(train):
+        raise ValueError(f"{root}: no T2I pairs in the train split (dvc repro build_pairs; check build_pairs.split)")
+    t2i = TextToImage(local_spec(root, cfg.model), device)
+    model = DiffusionDpoModel(t2i.pipe, cfg.lora, cfg.resolution or cfg.model.height, device)
+    before = evaluate(model, valid, cfg.beta, cfg.batch_size, cfg.seed)
+    history = train_steps(model, train, cfg, log_metrics)
+    after = evaluate(model, valid, cfg.beta, cfg.batch_size, cfg.seed)
+    save_adapter(model.unet, out_dir, cfg.model, {"beta": cfg.beta, "lr": cfg.lr, "steps": len(history)})
+    return {
+        "train_pairs": len(train),
+        "valid_pairs": len(valid),
+        "steps": len(history),
+        "train_loss_first": history[0]["loss"],
+        "train_loss_last": history[-1]["loss"],
+        "trainable_params": sum(p.numel() for p in model.trainable()),
+        "valid_before": before,
+        "valid_after": after,
+    }
+
+
+def save_adapter(unet, out_dir: Path, base: T2ISpec, extra: dict) -> Path:
+    """diffusers LoRA weights of the UNet (with the adapter config as metadata) and the base model they belong to."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    config = unet.peft_config["default"].to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    with atomic_dir(Path(out_dir)) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            str(tmp), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+            unet_lora_adapter_metadata=config, safe_serialization=True,
+        )
+        meta = {"kind": "diffusion_dpo", "base": base.model_dump(mode="json"), **extra}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
+def apply_adapter(t2i, adapter: Path):
+    """Load a diffusion_dpo adapter into a TextToImage's pipeline in place."""
+    from cyclepref.models import load_failed
+
+    try:
+        t2i.pipe.load_lora_weights(str(adapter))
+    except Exception as err:
+        raise load_failed(str(adapter), err) from err
+    return t2i
+
+
+def load_dpo_t2i(spec: T2ISpec, adapter: Path, device: str = "cpu"):
+    """The base text-to-image model with the Diffusion-DPO adapter: generates like any TextToImage."""
+    from cyclepref.models.t2i import TextToImage
+
+    return apply_adapter(TextToImage(spec, device), adapter)

@@ -1,0 +1,187 @@
+"""Load the authors' released CycleReward checkpoints (ImageReward-style BLIP key layout) into RewardModel.
+
+The released state dicts name the BLIP backbone `blip.*` (timm-style ViT `blip.visual_encoder.*`, the BLIP "med"
+BERT `blip.text_encoder.*`, `blip.vision_proj`, `blip.text_proj`) and the head `mlp.layers.{0,2,4,6,8}` (Linear
+layers with GELU between). `AUTHORS_TO_OURS` maps every key to transformers' BLIP names used by RewardModel; a key
+that matches no rule, a key of ours that stays unfilled, or a shape mismatch raises AuthorsCheckpointError. The
+only key dropped on purpose is the text position-id buffer (recomputed by transformers). A leading `module.`
+(a DistributedDataParallel save) is stripped.
+
+The backbone size is read from the tensors (layers, widths, image size from pos_embed and the patch size); head
+counts and the tokenizer / image processor come from a template BLIP ITM checkpoint (`backbone`, e.g.
+Salesforce/blip-itm-large-coco), whose processor is set to the checkpoint's image size. BLIP's ViT uses
+LayerNorm eps 1e-6, which the converted config records.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from cyclepref.models import load_failed, locate
+from cyclepref.reward.model import RewardModel
+
+V = r"blip\.visual_encoder\."
+VO = "vision_model."
+AUTHORS_TO_OURS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(rf"^{V}cls_token$"), f"{VO}embeddings.class_embedding"),
+    (re.compile(rf"^{V}pos_embed$"), f"{VO}embeddings.position_embedding"),
+    (re.compile(rf"^{V}patch_embed\.proj\.(weight|bias)$"), rf"{VO}embeddings.patch_embedding.\1"),
+    (re.compile(rf"^{V}blocks\.(\d+)\.norm1\.(weight|bias)$"), rf"{VO}encoder.layers.\1.layer_norm1.\2"),
+    (re.compile(rf"^{V}blocks\.(\d+)\.norm2\.(weight|bias)$"), rf"{VO}encoder.layers.\1.layer_norm2.\2"),
+    (re.compile(rf"^{V}blocks\.(\d+)\.attn\.qkv\.(weight|bias)$"), rf"{VO}encoder.layers.\1.self_attn.qkv.\2"),
+    (re.compile(rf"^{V}blocks\.(\d+)\.attn\.proj\.(weight|bias)$"), rf"{VO}encoder.layers.\1.self_attn.projection.\2"),
+    (re.compile(rf"^{V}blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$"), rf"{VO}encoder.layers.\1.mlp.\2.\3"),
+    (re.compile(rf"^{V}norm\.(weight|bias)$"), rf"{VO}post_layernorm.\1"),
+    (re.compile(r"^blip\.text_encoder\.(.+)$"), r"text_encoder.\1"),
+    (re.compile(r"^blip\.(vision_proj|text_proj)\.(weight|bias)$"), r"\1.\2"),
+    (re.compile(r"^mlp\.layers\.(\d+)\.(weight|bias)$"), r"head.layers.\1.\2"),
+]
+IGNORED = {"blip.text_encoder.embeddings.position_ids"}
+
+
+class AuthorsCheckpointError(ValueError):
+    """A state dict that does not match the authors' layout or our model; the message lists the offending keys."""
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def map_authors_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename every key; unknown keys (and two keys mapping to one name) raise."""
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key in IGNORED:
+            continue
+        for pattern, target in AUTHORS_TO_OURS:
+            if pattern.match(key):
+                name = pattern.sub(target, key)
+                if name in out:
+                    raise AuthorsCheckpointError(f"two checkpoint keys map to {name}")
+                out[name] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise AuthorsCheckpointError(f"unknown key(s) in the authors' checkpoint: {_listing(sorted(unknown))}")
+    return out
+
+
+def check_against(mapped: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Our model must receive exactly its own keys with its own shapes."""
+    missing = sorted(set(expected) - set(mapped))
+    unexpected = sorted(set(mapped) - set(expected))
+    if missing or unexpected:
+        raise AuthorsCheckpointError(
+            f"checkpoint does not fit the model: missing {_listing(missing) or 'none'}; "
+            f"unexpected {_listing(unexpected) or 'none'}"
+        )
+    bad = [
+        f"{k} {tuple(mapped[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if mapped[k].shape != v.shape
+    ]
+    if bad:
+        raise AuthorsCheckpointError(f"shape mismatch (checkpoint vs model): {_listing(bad)}")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file, or a torch file loaded with weights_only (optionally nested under state_dict/model)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for nested in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(nested), dict) and len(state) <= 3:
+            state = state[nested]
+    if not isinstance(state, dict):
+        raise AuthorsCheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
+    found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_blip_config(state: Mapping[str, torch.Tensor], template):
+    """The template BlipConfig with sizes read from the authors' tensors."""
+    config = template.__class__.from_dict(template.to_dict())
+    vc, tc = config.vision_config, config.text_config
+    try:
+        cls_token = state["blip.visual_encoder.cls_token"]
+        patch = state["blip.visual_encoder.patch_embed.proj.weight"]
+        pos = state["blip.visual_encoder.pos_embed"]
+        words = state["blip.text_encoder.embeddings.word_embeddings.weight"]
+        positions = state["blip.text_encoder.embeddings.position_embeddings.weight"]
+        fc1 = state["blip.visual_encoder.blocks.0.mlp.fc1.weight"]
+        inter = state["blip.text_encoder.encoder.layer.0.intermediate.dense.weight"]
+        cross_key = state["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"]
+        vision_proj = state["blip.vision_proj.weight"]
+    except KeyError as err:
+        raise AuthorsCheckpointError(f"not the authors' BLIP layout: key {err} is missing") from None
+    grid = math.isqrt(pos.shape[1] - 1)
+    if grid * grid != pos.shape[1] - 1:
+        raise AuthorsCheckpointError(f"pos_embed has {pos.shape[1]} positions, not 1 + a square grid")
+    vc.hidden_size = cls_token.shape[-1]
+    vc.patch_size = patch.shape[-1]
+    vc.image_size = grid * patch.shape[-1]
+    vc.intermediate_size = fc1.shape[0]
+    vc.num_hidden_layers = _count(state, r"blip\.visual_encoder\.blocks\.(\d+)\.")
+    vc.layer_norm_eps = 1e-6
+    tc.vocab_size, tc.hidden_size = words.shape
+    tc.max_position_embeddings = positions.shape[0]
+    tc.intermediate_size = inter.shape[0]
+    tc.encoder_hidden_size = cross_key.shape[1]
+    tc.num_hidden_layers = _count(state, r"blip\.text_encoder\.encoder\.layer\.(\d+)\.")
+    config.image_text_hidden_size = vision_proj.shape[0]
+    for name, c in (("vision", vc), ("text", tc)):
+        if c.hidden_size % c.num_attention_heads:
+            raise AuthorsCheckpointError(
+                f"{name} width {c.hidden_size} is not a multiple of the template's {c.num_attention_heads} heads; "
+                "use a template BLIP checkpoint of the same size"
+            )
+    return config
+
+
+def head_widths_of(state: Mapping[str, torch.Tensor]) -> list[int]:
+    """Hidden widths of the authors' head: the output sizes of every mlp Linear but the last."""
+    found = sorted({int(m.group(1)) for k in state if (m := re.match(r"mlp\.layers\.(\d+)\.weight$", k))})
+    if len(found) < 2:
+        raise AuthorsCheckpointError("no reward head (mlp.layers.*) with at least two Linear layers in the checkpoint")
+    return [state[f"mlp.layers.{i}.weight"].shape[0] for i in found[:-1]]
+
+
+def load_authors_checkpoint(
+    checkpoint: str | Path, backbone: str, *, revision: str | None = None, fix_rate: float = 0.7, max_length: int = 128
+) -> RewardModel:
+    """A RewardModel holding the authors' weights (e.g. CycleReward-Combo.pth) on a template BLIP ITM config."""
+    from transformers import AutoProcessor, BlipConfig
+
+    state = {k.removeprefix("module."): v for k, v in read_state_dict(checkpoint).items()}
+    where = locate(backbone)
+    try:
+        template = BlipConfig.from_pretrained(where, revision=revision)
+        processor = AutoProcessor.from_pretrained(where, revision=revision)
+    except Exception as err:
+        raise load_failed(backbone, err) from err
+    config = infer_blip_config(state, template)
+    size = config.vision_config.image_size
+    processor.image_processor.size = {"height": size, "width": size}
+    model = RewardModel(config, head_widths_of(state), fix_rate, max_length, processor)
+    mapped = map_authors_keys(state)
+    expected = model.state_dict()
+    check_against(mapped, expected)
+    model.load_state_dict(mapped, strict=True)
+    model.metadata = {"converted_from": str(checkpoint), "template": backbone}
+    return model.eval()

@@ -1,0 +1,182 @@
+"""Pairwise accuracy of reward models and baselines, with 95% Wilson intervals.
+
+A pair counts as correct when the scorer gives the preferred item the higher score; exact ties count one half.
+Baselines in the same report:
+- cycle: the pair's raw cycle scores (direction-aware). On the pipeline's own splits the labels *are* the cycle
+  comparison, so this is a label-agreement reference (100% by construction), not an accuracy against people; on
+  an external benchmark it is available only when the file carries cycle scores.
+- clipscore: cosine similarity of open_clip image and text embeddings (the order of CLIPScore = 2.5 max(cos, 0)
+  wherever the cosine is positive); each distinct image / prompt of a pair set is embedded once.
+- random: seeded uniform scores (expected accuracy 50%).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cyclepref.reward.data import PairExample, PairSet
+
+Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    accuracy: float | None
+    ci95_low: float | None
+    ci95_high: float | None
+    n: int
+    ties: int
+
+    def as_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "ci95_low": self.ci95_low, "ci95_high": self.ci95_high, "n": self.n,
+                "ties": self.ties}
+
+
+def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion p observed on n trials."""
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low, high = max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if p == 0 else low), (1.0 if p == 1 else high)
+
+
+def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> Accuracy:
+    c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
+    if c.shape != r.shape:
+        raise ValueError(f"{c.shape} chosen scores but {r.shape} rejected scores")
+    n = int(c.size)
+    if n == 0:
+        return Accuracy(None, None, None, 0, 0)
+    ties = int((c == r).sum())
+    p = float(((c > r).sum() + 0.5 * ties) / n)
+    lo, hi = wilson(p, n)
+    return Accuracy(p, lo, hi, n, ties)
+
+
+class Scorer:
+    """Scores chunks of pairs of one pair set; `reset` is called before each pair set."""
+
+    name: str
+
+    def reset(self, pairset: PairSet) -> None:
+        pass
+
+    def score(self, examples: Sequence[PairExample]) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class RewardScorer(Scorer):
+    def __init__(self, name: str, model):
+        self.name, self.model = name, model
+
+    def score(self, examples: Sequence[PairExample]) -> tuple[np.ndarray, np.ndarray]:
+        images, texts = [], []
+        for e in examples:
+            if e.task == "i2t":
+                images += [e.image, e.image]
+                texts += [e.chosen, e.rejected]
+            else:
+                images += [e.chosen, e.rejected]
+                texts += [e.prompt, e.prompt]
+        s = self.model.score(images, texts, batch_size=max(2, len(texts))).numpy()
+        return s[0::2], s[1::2]
+
+
+class ClipScorer(Scorer):
+    name = "clipscore"
+
+    def __init__(self, embedder):
+        self.embedder = embedder
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def reset(self, pairset: PairSet) -> None:
+        self._cache = {}
+
+    def _group(self, e: PairExample) -> torch.Tensor:
+        if e.group not in self._cache:
+            if e.task == "i2t":
+                self._cache[e.group] = self.embedder.embed_images([e.image])[0]
+            else:
+                self._cache[e.group] = self.embedder.embed_texts([e.prompt])[0]
+        return self._cache[e.group]
+
+    def score(self, examples: Sequence[PairExample]) -> tuple[np.ndarray, np.ndarray]:
+        shared = torch.stack([self._group(e) for e in examples])
+        if examples[0].task == "i2t":
+            ch = self.embedder.embed_texts([e.chosen for e in examples])
+            rj = self.embedder.embed_texts([e.rejected for e in examples])
+        else:
+            ch = self.embedder.embed_images([e.chosen for e in examples])
+            rj = self.embedder.embed_images([e.rejected for e in examples])
+        return (shared * ch).sum(-1).numpy(), (shared * rj).sum(-1).numpy()
+
+
+class RandomScorer(Scorer):
+    name = "random"
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def reset(self, pairset: PairSet) -> None:
+        self.rng = np.random.default_rng([self.seed, len(pairset)])
+
+    def score(self, examples: Sequence[PairExample]) -> tuple[np.ndarray, np.ndarray]:
+        s = self.rng.random((2, len(examples)))
+        return s[0], s[1]
+
+
+def evaluate_pairset(pairset: PairSet, scorers: Sequence[Scorer], batch_size: int) -> dict[str, Accuracy | None]:
+    """Every scorer on every pair (examples decoded once per chunk); `cycle` is None when the set has no scores."""
+    for s in scorers:
+        s.reset(pairset)
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {s.name: [] for s in scorers}
+    for start in range(0, len(pairset), batch_size):
+        examples = [pairset.example(i) for i in range(start, min(start + batch_size, len(pairset)))]
+        for s in scorers:
+            parts[s.name].append(s.score(examples))
+    out: dict[str, Accuracy | None] = {}
+    for name, chunks in parts.items():
+        ch = np.concatenate([c for c, _ in chunks]) if chunks else np.empty(0)
+        rj = np.concatenate([r for _, r in chunks]) if chunks else np.empty(0)
+        out[name] = pairwise_accuracy(ch, rj)
+    cycle = pairset.cycle_scores()
+    out["cycle"] = pairwise_accuracy(*cycle) if cycle is not None else None
+    return out
+
+
+def report_markdown(report: dict) -> str:
+    """The evaluation report as Markdown tables (one per section and task) followed by the notes."""
+    lines = ["# Reward model evaluation", ""]
+    for section, tasks in report["results"].items():
+        for task, res in tasks.items():
+            lines += [f"## {section} / {task} ({res['pairs']} pairs)", "", "| scorer | accuracy | 95% CI | ties |",
+                      "|---|---|---|---|"]
+            for name, acc in res["scores"].items():
+                if acc is None or acc["accuracy"] is None:
+                    lines.append(f"| {name} | n/a | | |")
+                else:
+                    lines.append(
+                        f"| {name} | {100 * acc['accuracy']:.2f} | {100 * acc['ci95_low']:.2f}-"
+                        f"{100 * acc['ci95_high']:.2f} | {acc['ties']} |"
+                    )
+            lines.append("")
+    lines += ["## Notes", ""] + [f"- {k}: {v}" for k, v in report["notes"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    """report -> {"<section>.<task>.<scorer>.accuracy": value, ...} for MLflow."""
+    out = {}
+    for section, tasks in report["results"].items():
+        for task, res in tasks.items():
+            for name, acc in res["scores"].items():
+                if acc is not None and acc["accuracy"] is not None:
+                    for key in ("accuracy", "ci95_low", "ci95_high"):
+                        out[f"{section}.{task}.{name}.{key}"] = float(acc[key])
+    return out

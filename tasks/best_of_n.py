@@ -1,0 +1,69 @@
+"""Stage best_of_n: quality of the best of N sampled candidates against N, per verifier (PAPER.md §6).
+
+Outputs: data/downstream/best_of_n/ (candidates_<task>.parquet with every verifier's score, best_of_n_<task>.png),
+reports/downstream/best_of_n.json (DVC metric), reports/downstream/best_of_n_<task>.csv (DVC plot).
+Logic: cyclepref.downstream.best_of_n.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cyclepref import runtime, stage, store, tracking
+from cyclepref.config import Params, require
+
+NOTE = ("evaluator {0!r} is also verifier {0!r}: its own picks maximise it by construction, so its curve is an upper "
+        "bound under this evaluator, not evidence that it beats the other verifiers")
+
+
+def run(params: Params, root: Path) -> dict:
+    import mlflow
+
+    from cyclepref.cycle import IMAGE_ROWS, TEXT_ROWS, Context
+    from cyclepref.downstream import plot_path, report_path, stage_dir
+    from cyclepref.downstream.best_of_n import candidates_table, curve_csv, plot_curves, run_task, summarize
+    from cyclepref.downstream.verifiers import Verifiers, VerifierSettings
+
+    cfg = require(params.best_of_n, "best_of_n")
+    device = runtime.device()
+    ctx = Context(root, device)
+    verifiers = Verifiers(VerifierSettings.from_params(params, cfg, root, device))
+    out = root / stage_dir("best_of_n")
+    tracked = mlflow.active_run() is not None
+    report: dict = {"evaluator": cfg.evaluator, "tasks": {}}
+    if cfg.evaluator in cfg.verifiers:
+        report["note"] = NOTE.format(cfg.evaluator)
+    files, summary = [], {}
+    for task in cfg.tasks:
+        work = ctx.work(f"best_of_n_{task}", TEXT_ROWS if task == "i2t" else IMAGE_ROWS)
+        result, source = run_task(task, cfg, root, device, verifiers, work)
+        files.append(store.write_table(candidates_table(result), out / f"candidates_{task}.parquet"))
+        csv = curve_csv(result, root / plot_path(task))
+        png = plot_curves(result, out / f"best_of_n_{task}.png", f"best-of-N {task}, {cfg.evaluator} evaluator")
+        files.append(png)
+        report["tasks"][task] = summarize(result, source)
+        summary[f"{task}_inputs"] = result.candidates.shape[0]
+        for name, gain in report["tasks"][task]["gain"].items():
+            summary[f"{task}_{name}_gain"] = round(gain, 6)
+        if tracked:
+            for name, values in result.curves.items():
+                for n, v in zip(result.ns, values, strict=True):
+                    mlflow.log_metric(f"{task}.{name}.quality", v, step=n)
+            mlflow.log_artifact(str(png), "plots")
+            mlflow.log_artifact(str(csv), "plots")
+            best = cfg.verifiers[0]
+            tracking.log_examples(f"best_of_n_{task}_{best}_n{max(cfg.n)}",
+                                  [(im, t) for im, t in result.picked(best, max(cfg.n))[:8]])
+    metrics = store.write_json(report, root / report_path("best_of_n"))
+    store.write_manifest(out, files, tasks=list(cfg.tasks))
+    if tracked:
+        mlflow.log_artifact(str(metrics))
+    return summary
+
+
+def main() -> None:
+    stage.main("best_of_n", run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Stage dpo_vlm: DPO of the LLaVA-family captioner on the I2T pairs with a LoRA adapter (trl DPOTrainer).
+
+Outputs: data/downstream/dpo_vlm/adapter/ (peft adapter + downstream.json), reports/downstream/dpo_vlm.json (DVC
+metric: pairs, steps, train loss, validation loss / reward accuracy before and after). The adapter is reloaded from
+disk and captions a few held-out images before the stage ends. Logic: cyclepref.downstream.dpo_vlm.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cyclepref import runtime, stage, store, tracking
+from cyclepref.config import Params, require
+
+WORK = "data/work/dpo_vlm"
+
+
+def run(params: Params, root: Path) -> dict:
+    import mlflow
+
+    from cyclepref.downstream import adapter_dir, report_path
+    from cyclepref.downstream.data import heldout_inputs, local_spec
+    from cyclepref.downstream.dpo_vlm import load_dpo_captioner, train_dpo_vlm
+
+    cfg = require(params.dpo_vlm, "dpo_vlm")
+    device = runtime.device()
+    tracked = mlflow.active_run() is not None
+    out = root / adapter_dir("dpo_vlm")
+    log = (lambda m, step: mlflow.log_metrics(m, step=step)) if tracked else None
+    report = train_dpo_vlm(cfg, root, device, out, root / WORK, log)
+
+    held = heldout_inputs(root, "i2t", ["test", "valid"], max_inputs=4)
+    captions = load_dpo_captioner(local_spec(root, cfg.captioner), out, device).caption(held.images)
+    report["reload_check"] = {"captions": len(captions), "nonempty": sum(bool(c.strip()) for c in captions)}
+    metrics = store.write_json(report, root / report_path("dpo_vlm"))
+    if tracked:
+        mlflow.log_artifacts(str(out), artifact_path="adapter")
+        mlflow.log_artifact(str(metrics))
+        tracking.log_examples("dpo_vlm_heldout", list(zip(held.images, captions, strict=True)))
+    summary = {k: report[k] for k in ("train_pairs", "valid_pairs", "steps", "train_loss")}
+    for when in ("before", "after"):
+        for k, v in report[f"valid_{when}"].items():
+            summary[f"valid_{when}_{k}"] = round(v, 6)
+    return summary
+
+
+def main() -> None:
+    stage.main("dpo_vlm", run)
+
+
+if __name__ == "__main__":
+    main()

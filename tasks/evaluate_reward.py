@@ -1,0 +1,115 @@
+"""Stage evaluate_reward: pairwise accuracy (95% Wilson interval) of the reward models and the baselines
+(raw cycle score, CLIPScore, random) on the test split per task and on every configured benchmark file.
+
+Outputs: reports/reward/eval.json (DVC metric, numbers only), reports/reward/eval.md (readable, with the notes on
+the baselines); both, plus the full report, in the stage's MLflow run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cyclepref import stage, store
+from cyclepref.config import Params, require
+from cyclepref.reward import REPORTS
+from tasks.train_reward import require_pairs_gate
+
+NOTES = {
+    "accuracy": "share of pairs where the scorer ranks the preferred item higher; exact ties count one half; "
+    "the interval is the 95% Wilson score interval",
+    "cycle": "raw cycle-consistency score of each pair. On the pipeline's own splits the preference labels are "
+    "defined by this score, so its accuracy is a label-agreement reference (100% by construction), not "
+    "agreement with people. On an external benchmark it is n/a unless the file provides cycle scores.",
+    "clipscore": "cosine similarity of open_clip image and text embeddings (same order as CLIPScore = "
+    "2.5 max(cos, 0) where the cosine is positive)",
+    "random": "seeded uniform random scores; expected accuracy 50%",
+}
+
+
+def run(params: Params, root: Path) -> dict:
+    import mlflow
+
+    from cyclepref import runtime
+    from cyclepref.reward.benchmarks import TASKS, load_benchmark
+    from cyclepref.reward.data import open_source
+    from cyclepref.reward.evaluate import (
+        ClipScorer,
+        RandomScorer,
+        RewardScorer,
+        evaluate_pairset,
+        flat_metrics,
+        report_markdown,
+    )
+    from cyclepref.reward.model import RewardModel
+
+    cfg = require(params.evaluate_reward, "evaluate_reward")
+    require_pairs_gate("evaluate_reward", cfg.data, root)
+    device = runtime.device()
+    scorers = [RewardScorer(m.name, RewardModel.from_pretrained(root / m.path).to(device)) for m in cfg.models]
+    if cfg.clip is not None:
+        from cyclepref.models.similarity import ImageEmbedder
+
+        clip = cfg.clip if cfg.clip.startswith("hf-hub:") else str(root / cfg.clip)
+        scorers.append(ClipScorer(ImageEmbedder(clip, device)))
+    scorers.append(RandomScorer(cfg.seed))
+
+    source = open_source(cfg.data, root)
+    sections: dict[str, dict] = {cfg.split: {}}
+    for task in TASKS:
+        if cfg.data.source == "hf_datasets" and getattr(cfg.data, f"{task}_path") is None:
+            continue
+        sections[cfg.split][task] = source.pairs(task, cfg.split)
+    for bench in cfg.benchmarks:
+        sections[bench.name] = load_benchmark(root / bench.path)
+
+    results: dict[str, dict] = {}
+    for section, pairsets in sections.items():
+        results[section] = {}
+        for task, pairset in pairsets.items():
+            accs = evaluate_pairset(pairset, scorers, cfg.batch_size)
+            results[section][task] = {
+                "pairs": len(pairset),
+                "scores": {name: (a.as_dict() if a is not None else None) for name, a in accs.items()},
+            }
+    report = {
+        "results": results,
+        "models": {m.name: m.path for m in cfg.models},
+        "clip": cfg.clip,
+        "notes": NOTES | {"sections": f"'{cfg.split}' = the pipeline's {cfg.split} split; others = benchmark files"},
+    }
+    store.write_json(metric_file(results), root / REPORTS["eval"])
+    md = root / REPORTS["eval_md"]
+    with store.atomic_path(md) as tmp:
+        tmp.write_text(report_markdown(report))
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics(flat_metrics(report))
+        mlflow.log_dict(report, "eval_report.json")
+        mlflow.log_artifact(str(md))
+    summary: dict = {}
+    for section, tasks in results.items():
+        for task, res in tasks.items():
+            summary[f"{section}_{task}_pairs"] = res["pairs"]
+            first = res["scores"][cfg.models[0].name]
+            if first["accuracy"] is not None:
+                summary[f"{section}_{task}_{cfg.models[0].name}_accuracy"] = round(first["accuracy"], 4)
+    return summary
+
+
+def metric_file(results: dict) -> dict:
+    """The DVC metric: {section: {task: {"pairs": n, <scorer>: {accuracy, ci95_low, ci95_high, n, ties}}}},
+    numbers only (a scorer without a value on a section, e.g. cycle on a benchmark without scores, is absent)."""
+    return {
+        section: {
+            task: {"pairs": res["pairs"], **{name: acc for name, acc in res["scores"].items() if acc is not None}}
+            for task, res in tasks.items()
+        }
+        for section, tasks in results.items()
+    }
+
+
+def main() -> None:
+    stage.main("evaluate_reward", run)
+
+
+if __name__ == "__main__":
+    main()

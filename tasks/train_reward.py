@@ -1,0 +1,107 @@
+"""Stage train_reward: Bradley-Terry training of one reward model per variant (i2t | t2i | combo).
+
+Reads the pairs through cyclepref.reward.data (pipeline tables, which must have passed gate@pairs, or the exported
+datasets). Outputs: data/reward/<variant>/model/ (best by validation loss), reports/reward/train.json (DVC metric).
+Resume checkpoints live in data/work/reward/<variant>/ (not a DVC output), so a rerun after an interruption
+continues where it stopped. One MLflow child run per variant: metrics every step, the model as a pyfunc, the
+training config and the data digest. Multi-GPU: `accelerate launch -m tasks.train_reward` (rank 0 tracks).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+from cyclepref import stage, store
+from cyclepref.config import Params, load_params, require
+from cyclepref.reward import REPORTS, WORK_DIR, model_dir
+
+
+def require_pairs_gate(stage_name: str, data, root: Path) -> None:
+    """Pairs read from the pipeline tables must have passed gate@pairs (as build_pairs requires its gates)."""
+    if data.source != "tables":
+        return
+    from cyclepref import gates
+    from tasks.gate import REPORT_DIR
+
+    try:
+        gates.require_passed(root / REPORT_DIR, ["pairs"])
+    except gates.GateFailed as err:
+        raise SystemExit(f"{stage_name}: {err}") from None
+
+
+def _log_to_mlflow(metrics: dict[str, float], step: int) -> None:
+    import mlflow
+
+    mlflow.log_metrics(metrics, step=step)
+
+
+def _input_example(source, tasks):
+    import io
+
+    import pandas as pd
+
+    task = tasks[0]
+    e = source.pairs(task, "valid").example(0)
+    image, text = (e.image, e.chosen) if task == "i2t" else (e.chosen, e.prompt)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return pd.DataFrame({"image": [buf.getvalue()], "text": [text]})
+
+
+def run(params: Params, root: Path) -> dict:
+    import mlflow
+    from accelerate import Accelerator
+
+    from cyclepref import runtime
+    from cyclepref.reward import VARIANT_TASKS
+    from cyclepref.reward.data import open_source
+    from cyclepref.reward.pyfunc import log_reward_model
+    from cyclepref.reward.train import fingerprint_body, train_variant
+
+    cfg = require(params.train_reward, "train_reward")
+    require_pairs_gate("train_reward", cfg.data, root)
+    source = open_source(cfg.data, root)
+    accelerator = Accelerator(cpu=runtime.device() == "cpu")
+    tracked = accelerator.is_main_process and mlflow.active_run() is not None
+    report: dict[str, dict] = {}
+    for variant in cfg.variants:
+        tags = {"cyclepref.stage": "train_reward", "cyclepref.variant": variant}
+        ctx = mlflow.start_run(run_name=f"train_reward/{variant}", nested=True, tags=tags) if tracked else None
+        with ctx if ctx is not None else nullcontext():
+            result = train_variant(
+                variant, cfg, source, root / model_dir(variant), root / WORK_DIR / variant,
+                resume="auto", log_metrics=_log_to_mlflow if tracked else None, accelerator=accelerator,
+            )
+            best = next(h for h in result.history if h["step"] == result.best_step)
+            report[variant] = {
+                "best_val_loss": result.best_loss,
+                "best_step": result.best_step,
+                "steps": result.steps,
+                "stopped_early": result.stopped_early,
+                **{k: v for k, v in best.items() if k.startswith("val_acc_") or k.startswith("val_loss_")},
+            }
+            if tracked:
+                mlflow.log_params({"data_digest": result.data_digest, "fingerprint": result.fingerprint})
+                mlflow.log_dict(fingerprint_body(variant, cfg), "train_config.json")
+                mlflow.log_dict({"history": result.history, "resumed_from": result.resumed_from}, "history.json")
+                mlflow.log_metrics({"best_val_loss": result.best_loss, "best_step": result.best_step})
+                log_reward_model(result.best_dir, input_example=_input_example(source, VARIANT_TASKS[variant]))
+    if accelerator.is_main_process:
+        store.write_json(report, root / REPORTS["train"])
+    summary: dict = {"variants": len(cfg.variants)}
+    for variant, r in report.items():
+        summary[f"{variant}_best_val_loss"] = round(r["best_val_loss"], 6)
+    return summary
+
+
+def main() -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        run(load_params(Path.cwd() / "params.yaml"), Path.cwd())
+        return
+    stage.main("train_reward", run)
+
+
+if __name__ == "__main__":
+    main()

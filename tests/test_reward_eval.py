@@ -1,0 +1,155 @@
+"""Evaluation: accuracy and intervals, scorers and baselines, the pair format and the benchmark converters."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cyclepref.models.similarity import ImageEmbedder
+from cyclepref.reward.benchmarks import (
+    BenchmarkFormatError,
+    convert_detailcaps,
+    convert_genai_bench,
+    load_benchmark,
+)
+from cyclepref.reward.evaluate import (
+    ClipScorer,
+    RandomScorer,
+    RewardScorer,
+    evaluate_pairset,
+    flat_metrics,
+    pairwise_accuracy,
+    report_markdown,
+    wilson,
+)
+from cyclepref.reward.model import RewardModel
+from cyclepref.reward.synthetic import colour_pairs
+
+
+def png(rgb: tuple[int, int, int], size: int = 16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_accuracy_counts_ties_as_half_with_a_wilson_interval():
+    acc = pairwise_accuracy([3, 2, 1, 5], [1, 2, 4, 0])
+    assert (acc.accuracy, acc.n, acc.ties) == (0.625, 4, 1)
+    assert acc.ci95_low < 0.625 < acc.ci95_high
+    lo, hi = wilson(0.5, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.4038, 0.5962)
+    assert wilson(1.0, 20)[1] == 1.0 and wilson(0.0, 20)[0] == 0.0
+    assert pairwise_accuracy([], []).accuracy is None
+
+
+def test_scorers_on_a_pair_set(zoo):
+    pairs = colour_pairs("i2t", 40, seed=3)
+    model = RewardModel.from_backbone(str(zoo / "tiny-blip-itm"), max_length=16)
+    clip = ClipScorer(ImageEmbedder(str(zoo / "tiny-open-clip")))
+    embedded = []
+    original = clip.embedder.embed_images
+    clip.embedder.embed_images = lambda ims, *a, **k: (embedded.append(len(ims)), original(ims, *a, **k))[1]
+    results = evaluate_pairset(pairs, [RewardScorer("rm", model), clip, RandomScorer(0)], batch_size=16)
+    assert results["cycle"].accuracy == 1.0
+    assert sum(embedded) == 40
+    assert 0.25 < results["random"].accuracy < 0.75
+    images = [pairs.example(i).image for i in range(40)]
+    direct = model.score(images, [pairs.example(i).chosen for i in range(40)])
+    direct_rej = model.score(images, [pairs.example(i).rejected for i in range(40)])
+    assert results["rm"].accuracy == pytest.approx(pairwise_accuracy(direct.numpy(), direct_rej.numpy()).accuracy)
+    t2i = evaluate_pairset(colour_pairs("t2i", 8, seed=1), [clip, RandomScorer(0)], batch_size=3)
+    assert t2i["clipscore"].n == 8
+    assert evaluate_pairset(colour_pairs("t2i", 5, 1), [RandomScorer(1)], 2)["random"].accuracy == \
+        evaluate_pairset(colour_pairs("t2i", 5, 1), [RandomScorer(1)], 4)["random"].accuracy
+
+
+def test_report_markdown_and_flat_metrics():
+    acc = pairwise_accuracy([1, 2], [0, 3]).as_dict()
+    report = {"results": {"test": {"i2t": {"pairs": 2, "scores": {"rm": acc, "cycle": None}}}},
+              "notes": {"cycle": "label agreement"}}
+    md = report_markdown(report)
+    assert "| rm | 50.00 |" in md and "| cycle | n/a |" in md and "- cycle: label agreement" in md
+    assert flat_metrics(report) == {"test.i2t.rm.accuracy": 0.5, "test.i2t.rm.ci95_low": acc["ci95_low"],
+                                    "test.i2t.rm.ci95_high": acc["ci95_high"]}
+
+
+def test_pair_format_loads_both_tasks_and_rejects_bad_lines(tmp_path):
+    (tmp_path / "images").mkdir()
+    for name, rgb in (("a.png", (255, 0, 0)), ("b.png", (0, 0, 255))):
+        (tmp_path / "images" / name).write_bytes(png(rgb))
+    lines = [
+        {"id": "1", "task": "i2t", "image": "images/a.png", "chosen": "red", "rejected": "blue",
+         "chosen_cycle_score": 0.2, "rejected_cycle_score": 0.4, "cycle_direction": "lower"},
+        {"id": "2", "task": "t2i", "prompt": "a red thing", "chosen": "images/a.png", "rejected": "images/b.png"},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    sets = load_benchmark(path)
+    assert sorted(sets) == ["i2t", "t2i"]
+    assert sets["i2t"].example(0).image.getpixel((0, 0)) == (255, 0, 0)
+    assert sets["i2t"].cycle_scores()[0].tolist() == [-0.2]
+    assert sets["t2i"].example(0).rejected.getpixel((0, 0)) == (0, 0, 255) and sets["t2i"].cycle_scores() is None
+    path.write_text(json.dumps({"id": "3", "task": "t2i", "prompt": "x", "chosen": "images/a.png"}) + "\n")
+    with pytest.raises(BenchmarkFormatError, match="pairs.jsonl:1: t2i pair needs.*rejected"):
+        load_benchmark(path)
+    path.write_text('{"task": "v2v"}\n')
+    with pytest.raises(BenchmarkFormatError, match="'task' must be one of"):
+        load_benchmark(path)
+
+
+def test_detailcaps_converter(tmp_path):
+    rows = [
+        {"source": "COCO", "image": "coco/1.jpg", "binary": png((10, 20, 30)), "CogVLM": "cog caption",
+         "ShareCaptioner": "share caption", "LLaVA_v15": "llava caption", "GT_Caption_GPT4V": "gt",
+         "GPT4_Eval": json.dumps({"CogVLM": 3.5, "ShareCaptioner": "4", "LLaVA_v15": 2})},
+        {"source": "SAM", "image": "sam/2", "binary": png((40, 50, 60)), "CogVLM": "a", "ShareCaptioner": "b",
+         "LLaVA_v15": "c", "GT_Caption_GPT4V": "gt", "GPT4_Eval": None},
+        {"source": "LAION", "image": "laion/3", "binary": png((70, 80, 90)), "CogVLM": "x", "ShareCaptioner": "y",
+         "LLaVA_v15": "z", "GT_Caption_GPT4V": "gt", "GPT4_Eval": json.dumps({"CogVLM": 3, "ShareCaptioner": 3,
+                                                                            "LLaVA_v15": 1})},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "DetailCaps-4870.parquet")
+    stats = convert_detailcaps(tmp_path / "DetailCaps-4870.parquet", tmp_path / "out")
+    assert stats == {"pairs": 5, "rows": 3, "skipped_no_eval": 1, "skipped_tied_pairs": 1}
+    sets = load_benchmark(tmp_path / "out" / "pairs.jsonl")
+    i2t = sets["i2t"]
+    got = {(r["chosen"], r["rejected"]) for r in i2t.records}
+    assert got == {("share caption", "cog caption"), ("share caption", "llava caption"),
+                   ("cog caption", "llava caption"), ("x", "z"), ("y", "z")}
+    assert i2t.example(0).image.getpixel((0, 0)) == (10, 20, 30)
+    assert len(list((tmp_path / "out" / "images").iterdir())) == 2
+
+
+def test_genai_bench_converter(tmp_path):
+    img = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [
+        {"prompt": "a cat", "left_image": {"bytes": png((1, 1, 1)), "path": None},
+         "right_image": {"bytes": png((2, 2, 2)), "path": None}, "vote_type": "leftvote", "left_model": "A",
+         "right_model": "B"},
+        {"prompt": "a dog", "left_image": {"bytes": png((3, 3, 3)), "path": None},
+         "right_image": {"bytes": png((4, 4, 4)), "path": None}, "vote_type": "rightvote", "left_model": "A",
+         "right_model": "C"},
+        {"prompt": "a cow", "left_image": {"bytes": png((5, 5, 5)), "path": None},
+         "right_image": {"bytes": png((6, 6, 6)), "path": None}, "vote_type": "tievote", "left_model": "A",
+         "right_model": "C"},
+        {"prompt": "a bat", "left_image": {"bytes": png((7, 7, 7)), "path": None},
+         "right_image": {"bytes": png((8, 8, 8)), "path": None}, "vote_type": "bothbad_vote", "left_model": "B",
+         "right_model": "C"},
+    ]
+    schema = pa.schema([("prompt", pa.string()), ("left_image", img), ("right_image", img),
+                        ("vote_type", pa.string()), ("left_model", pa.string()), ("right_model", pa.string())])
+    (tmp_path / "src" / "image_generation").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema), tmp_path / "src" / "image_generation" / "test-0.parquet")
+    stats = convert_genai_bench(tmp_path / "src", tmp_path / "out")
+    assert stats == {"pairs": 2, "rows": 4, "skipped_tievote": 1, "skipped_bothbad_vote": 1}
+    t2i = load_benchmark(tmp_path / "out" / "pairs.jsonl")["t2i"]
+    first, second = t2i.example(0), t2i.example(1)
+    assert first.prompt == "a cat" and first.chosen.getpixel((0, 0)) == (1, 1, 1)
+    assert second.prompt == "a dog" and second.chosen.getpixel((0, 0)) == (4, 4, 4)
+    assert t2i.records[1]["meta"] == {"vote_type": "rightvote", "chosen_model": "C", "rejected_model": "A"}
+    assert len(t2i) == 2

@@ -1,0 +1,242 @@
+"""RewardModel: freeze rule, head, batched scoring, the differentiable path, save/load, and the authors' keys."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from cyclepref.models import ModelLoadError
+from cyclepref.reward.authors_keys import AuthorsCheckpointError, load_authors_checkpoint
+from cyclepref.reward.data import PairCollator
+from cyclepref.reward.model import PAPER_HEAD, RewardModel, head_widths_for
+from cyclepref.reward.synthetic import colour_pairs
+from cyclepref.reward.train import bradley_terry
+
+
+@pytest.fixture(scope="module")
+def backbone(zoo) -> str:
+    return str(zoo / "tiny-blip-itm")
+
+
+@pytest.fixture
+def model(backbone) -> RewardModel:
+    return RewardModel.from_backbone(backbone, max_length=32, seed=0)
+
+
+def paper_blip_config():
+    from transformers import BlipConfig
+
+    return BlipConfig(
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           patch_size=16, image_size=224),
+        text_config=dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=512, encoder_hidden_size=1024),
+        image_text_hidden_size=256,
+    )
+
+
+def test_paper_scale_freeze_rule_and_head():
+    with torch.device("meta"):
+        m = RewardModel(paper_blip_config(), None, 0.7, 128, processor=None)
+    total = sum(p.numel() for p in m.parameters())
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert m.head_widths == list(PAPER_HEAD)
+    assert [x.in_features for x in m.head.layers if isinstance(x, torch.nn.Linear)] == [768, 1024, 128, 64, 16]
+    assert m.frozen_counts() == (8, 16)
+    assert total == pytest.approx(447e6, rel=0.005)
+    assert trainable == pytest.approx(140e6, rel=0.02)
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert "text_encoder.encoder.layer.7.output.dense.weight" in frozen
+    assert "text_encoder.encoder.layer.8.attention.self.query.weight" not in frozen
+    assert "vision_model.encoder.layers.15.mlp.fc2.bias" in frozen
+    assert "vision_model.encoder.layers.16.self_attn.qkv.weight" not in frozen
+    assert {"vision_proj.weight", "text_proj.weight", "text_encoder.embeddings.word_embeddings.weight",
+            "vision_model.embeddings.patch_embedding.weight"} <= frozen
+
+
+def test_head_widths_derive_from_the_text_width_unless_given(model):
+    assert head_widths_for(768, None) == [1024, 128, 64, 16]
+    assert model.head_widths == head_widths_for(32, None) == [43, 8, 8, 8]
+    assert head_widths_for(32, [16, 4]) == [16, 4]
+    for layer in model.head.layers:
+        if isinstance(layer, torch.nn.Linear):
+            assert torch.all(layer.bias == 0)
+    with pytest.raises(ValueError, match="max_length 10000"):
+        RewardModel(model.blip_config, None, 0.7, 10_000, model.processor)
+
+
+def test_one_step_changes_every_trainable_parameter_and_no_frozen_one(model):
+    pairs = colour_pairs("i2t", 8, seed=1)
+    batch = PairCollator(model.processor, model.max_length)({"i2t": [pairs.example(i) for i in range(8)]})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    rewards = model(batch.pixel_values, batch.input_ids, batch.attention_mask, batch.image_index)
+    loss, _ = bradley_terry(rewards, batch)["i2t"]
+    loss.backward()
+    opt.step()
+    trainable = set(model.trainable_names())
+    assert trainable and len(trainable) < len(before)
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        assert changed == (name in trainable), name
+
+
+def test_batched_scores_equal_one_at_a_time_and_each_image_is_encoded_once(model):
+    red, blue = Image.new("RGB", (40, 28), (220, 30, 30)), Image.new("RGB", (20, 50), (30, 30, 220))
+    images = [red, red, blue, red, blue]
+    texts = ["a red square", "a blue square with a much longer caption than the others", "blue", "red", "a cat"]
+    calls = []
+    hook = model.vision_model.register_forward_hook(lambda mod, args, kwargs_out: calls.append(None))
+    batched = model.score(images, texts, batch_size=8)
+    hook.remove()
+    single = torch.cat([model.score([im], [t]) for im, t in zip(images, texts, strict=True)])
+    assert batched.shape == (5,)
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="2 images but 1 texts"):
+        model.score([red, blue], ["x"])
+
+
+def test_differentiable_path_gives_gradients_and_matches_score(model):
+    img = Image.new("RGB", (32, 32), (40, 200, 90))
+    pixels = torch.tensor(list(img.getdata()), dtype=torch.float32).view(32, 32, 3).permute(2, 0, 1)[None] / 255
+    pixels.requires_grad_(True)
+    r = model.reward(pixels, ["a green square"])
+    r.sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    torch.testing.assert_close(r.detach(), model.score([img], ["a green square"]), atol=1e-4, rtol=1e-4)
+    big = torch.nn.functional.interpolate(pixels.detach(), size=(64, 64)).requires_grad_(True)
+    model.reward(big, ["a green square"]).sum().backward()
+    assert big.grad.abs().sum() > 0
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    images = [Image.new("RGB", (32, 32), (200, 200, 30))] * 2
+    texts = ["a yellow square", "a black square"]
+    out = model.save_pretrained(tmp_path / "rm", metadata={"note": "x"})
+    assert {"reward_config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    loaded = RewardModel.from_pretrained(out)
+    assert loaded.metadata == {"note": "x"}
+    assert loaded.head_widths == model.head_widths and loaded.fix_rate == model.fix_rate
+    assert loaded.trainable_names() == model.trainable_names()
+    torch.testing.assert_close(loaded.score(images, texts), model.score(images, texts), atol=0, rtol=0)
+    with pytest.raises(ModelLoadError, match="not a cyclepref reward model"):
+        RewardModel.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------- the authors' checkpoint layout
+
+
+def authors_state_dict(n_vis: int, n_text: int, d_vis: int, d_text: int, vocab: int, patch: int, grid: int,
+                       widths: list[int], proj: int) -> dict[str, torch.Tensor]:
+    """A random state dict in the released CycleReward (ImageReward / BLIP) key layout."""
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g)
+
+    sd = {
+        "blip.visual_encoder.cls_token": t(1, 1, d_vis),
+        "blip.visual_encoder.pos_embed": t(1, grid * grid + 1, d_vis),
+        "blip.visual_encoder.patch_embed.proj.weight": t(d_vis, 3, patch, patch),
+        "blip.visual_encoder.patch_embed.proj.bias": t(d_vis),
+        "blip.visual_encoder.norm.weight": t(d_vis),
+        "blip.visual_encoder.norm.bias": t(d_vis),
+        "blip.text_encoder.embeddings.word_embeddings.weight": t(vocab, d_text),
+        "blip.text_encoder.embeddings.position_embeddings.weight": t(128, d_text),
+        "blip.text_encoder.embeddings.LayerNorm.weight": t(d_text),
+        "blip.text_encoder.embeddings.LayerNorm.bias": t(d_text),
+        "blip.text_encoder.embeddings.position_ids": torch.arange(128)[None],
+        "blip.vision_proj.weight": t(proj, d_vis),
+        "blip.vision_proj.bias": t(proj),
+        "blip.text_proj.weight": t(proj, d_text),
+        "blip.text_proj.bias": t(proj),
+    }
+    for i in range(n_vis):
+        b = f"blip.visual_encoder.blocks.{i}."
+        sd |= {b + "norm1.weight": t(d_vis), b + "norm1.bias": t(d_vis), b + "norm2.weight": t(d_vis),
+               b + "norm2.bias": t(d_vis), b + "attn.qkv.weight": t(3 * d_vis, d_vis),
+               b + "attn.qkv.bias": t(3 * d_vis),
+               b + "attn.proj.weight": t(d_vis, d_vis), b + "attn.proj.bias": t(d_vis),
+               b + "mlp.fc1.weight": t(2 * d_vis, d_vis), b + "mlp.fc1.bias": t(2 * d_vis),
+               b + "mlp.fc2.weight": t(d_vis, 2 * d_vis), b + "mlp.fc2.bias": t(d_vis)}
+    for i in range(n_text):
+        b = f"blip.text_encoder.encoder.layer.{i}."
+        for att, kv_in in (("attention", d_text), ("crossattention", d_vis)):
+            sd |= {b + f"{att}.self.query.weight": t(d_text, d_text), b + f"{att}.self.query.bias": t(d_text),
+                   b + f"{att}.self.key.weight": t(d_text, kv_in), b + f"{att}.self.key.bias": t(d_text),
+                   b + f"{att}.self.value.weight": t(d_text, kv_in), b + f"{att}.self.value.bias": t(d_text),
+                   b + f"{att}.output.dense.weight": t(d_text, d_text), b + f"{att}.output.dense.bias": t(d_text),
+                   b + f"{att}.output.LayerNorm.weight": t(d_text), b + f"{att}.output.LayerNorm.bias": t(d_text)}
+        sd |= {b + "intermediate.dense.weight": t(2 * d_text, d_text), b + "intermediate.dense.bias": t(2 * d_text),
+               b + "output.dense.weight": t(d_text, 2 * d_text), b + "output.dense.bias": t(d_text),
+               b + "output.LayerNorm.weight": t(d_text), b + "output.LayerNorm.bias": t(d_text)}
+    dims = [d_text, *widths, 1]
+    for k in range(len(dims) - 1):
+        sd[f"mlp.layers.{2 * k}.weight"] = t(dims[k + 1], dims[k])
+        sd[f"mlp.layers.{2 * k}.bias"] = t(dims[k + 1])
+    return sd
+
+
+@pytest.fixture(scope="module")
+def authors_sd():
+    return authors_state_dict(n_vis=3, n_text=2, d_vis=32, d_text=32, vocab=30524, patch=8, grid=5,
+                              widths=[24, 12, 6, 4], proj=16)
+
+
+def test_authors_checkpoint_loads_through_the_key_map(authors_sd, backbone, tmp_path):
+    path = tmp_path / "CycleReward-Combo.pth"
+    torch.save({"module." + k: v for k, v in authors_sd.items()}, path)
+    m = load_authors_checkpoint(path, backbone)
+    assert m.blip_config.vision_config.num_hidden_layers == 3
+    assert m.blip_config.vision_config.image_size == 40
+    assert m.head_widths == [24, 12, 6, 4]
+    pairs = {
+        "vision_model.embeddings.class_embedding": "blip.visual_encoder.cls_token",
+        "vision_model.embeddings.position_embedding": "blip.visual_encoder.pos_embed",
+        "vision_model.encoder.layers.2.self_attn.qkv.weight": "blip.visual_encoder.blocks.2.attn.qkv.weight",
+        "vision_model.encoder.layers.1.self_attn.projection.bias": "blip.visual_encoder.blocks.1.attn.proj.bias",
+        "vision_model.encoder.layers.0.layer_norm2.weight": "blip.visual_encoder.blocks.0.norm2.weight",
+        "vision_model.post_layernorm.bias": "blip.visual_encoder.norm.bias",
+        "text_encoder.encoder.layer.1.crossattention.self.key.weight":
+            "blip.text_encoder.encoder.layer.1.crossattention.self.key.weight",
+        "vision_proj.weight": "blip.vision_proj.weight",
+        "head.layers.8.weight": "mlp.layers.8.weight",
+    }
+    state = m.state_dict()
+    for ours, theirs in pairs.items():
+        assert torch.equal(state[ours], authors_sd[theirs]), ours
+    score = m.score([Image.new("RGB", (50, 40), (10, 20, 30))], ["a dark photo"])
+    assert score.shape == (1,) and torch.isfinite(score).all()
+
+
+def test_authors_checkpoint_unknown_missing_and_misshapen_keys_fail_loudly(authors_sd, backbone, tmp_path):
+    from safetensors.torch import save_file
+
+    cases = {
+        "unknown": ({**authors_sd, "blip.itm_head.weight": torch.zeros(2, 32)}, "unknown key.*blip.itm_head.weight"),
+        "missing": ({k: v for k, v in authors_sd.items() if "layer.1.output.dense.bias" not in k},
+                    "missing text_encoder.encoder.layer.1.output.dense.bias"),
+        "shape": ({**authors_sd, "blip.text_proj.bias": torch.zeros(7)}, re.escape("text_proj.bias (7,) vs (16,)")),
+    }
+    for name, (sd, message) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        with pytest.raises(AuthorsCheckpointError, match=message):
+            load_authors_checkpoint(path, backbone)
+
+
+def test_image_size_resamples_position_embeddings_and_survives_save(backbone, tmp_path):
+    m = RewardModel.from_backbone(backbone, max_length=16, image_size=48)
+    assert m.vision_model.embeddings.position_embedding.shape == (1, 37, 32)
+    assert m.processor.image_processor.size == {"height": 48, "width": 48}
+    img = Image.new("RGB", (64, 40), (90, 10, 200))
+    score = m.score([img], ["a purple square"])
+    loaded = RewardModel.from_pretrained(m.save_pretrained(tmp_path / "rm48"))
+    assert loaded.blip_config.vision_config.image_size == 48
+    torch.testing.assert_close(loaded.score([img], ["a purple square"]), score, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
+        RewardModel.from_backbone(backbone, image_size=50)

@@ -1,0 +1,149 @@
+"""Reward training: data plan, learnability, exact resume, Combo validation, early stopping, failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from cyclepref.config import TrainReward
+from cyclepref.reward.data import ListPairSet, PairCollator
+from cyclepref.reward.model import RewardModel
+from cyclepref.reward.synthetic import SyntheticPairSource, colour_pairs
+from cyclepref.reward.train import (
+    Schedule,
+    checkpoints,
+    combine,
+    epoch_order,
+    read_state,
+    shard,
+    train_variant,
+    validate,
+)
+
+
+def config(backbone: str, variant: str, **kw) -> TrainReward:
+    base = dict(
+        model={"path": backbone, "max_length": 16},
+        variants=[variant],
+        lr={variant: 2e-3},
+        weight_decay={variant: 0.0},
+        epochs=2,
+        batch_size=16,
+        grad_accum=1,
+        validations_per_epoch=1,
+        patience=100,
+    )
+    return TrainReward(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def backbone(zoo) -> str:
+    return str(zoo / "tiny-blip-itm")
+
+
+def test_plan_is_deterministic_cycles_the_shorter_task_and_shards_without_loss():
+    a = epoch_order(5, 12, seed=0, epoch=0, task="t2i")
+    assert a == epoch_order(5, 12, seed=0, epoch=0, task="t2i")
+    assert a != epoch_order(5, 12, seed=0, epoch=1, task="t2i")
+    assert sorted(a[:5]) == sorted(a[5:10]) == list(range(5)) and len(a) == 12
+    order = epoch_order(10, 10, 0, 0, "i2t")
+    shards = [shard(order, world=4, rank=r, batch_size=2) for r in range(4)]
+    seen = [i for s in shards for batch in s for i in batch]
+    assert len(seen) == 12 and set(seen) == set(range(10))
+    assert {len(s) for s in shards} == {2}
+    sched = Schedule.of({"i2t": 100, "t2i": 30}, world=2, batch_size=8, grad_accum=2, validations=4)
+    assert (sched.length, sched.micro_batches, sched.steps, sched.validate_after) == (100, 7, 4, (1, 2, 3, 4))
+    assert Schedule.of({"i2t": 10}, 1, 8, 1, 4).validate_after == (1, 2)
+
+
+def test_combined_loss_uses_both_tasks():
+    losses = {"i2t": torch.tensor(0.4), "t2i": torch.tensor(0.7)}
+    assert combine(losses, 0.5).item() == pytest.approx(0.9)
+    assert combine({"t2i": torch.tensor(0.7)}, 0.5).item() == pytest.approx(0.7)
+
+
+def test_tiny_model_learns_a_synthetic_preference_to_90_percent_held_out(backbone, tmp_path):
+    source = SyntheticPairSource({"train": 128, "valid": 32, "test": 128})
+    logged = []
+    result = train_variant(
+        "i2t", config(backbone, "i2t"), source, tmp_path / "out", tmp_path / "work", resume=None,
+        log_metrics=lambda m, step: logged.append((step, m)),
+    )
+    assert result.steps == 16 and [h["step"] for h in result.history] == [8, 16]
+    assert [s for s, _ in logged] == list(range(1, 17))
+    assert {"train/loss", "train/acc_i2t", "train/lr"} <= set(logged[0][1])
+    assert "val/loss" in logged[7][1] and "val/loss" not in logged[6][1]
+    assert logged[-1][1]["train/lr"] < logged[0][1]["train/lr"]
+    best = RewardModel.from_pretrained(result.best_dir)
+    assert best.metadata["variant"] == "i2t" and best.metadata["step"] == result.best_step
+    test = {"i2t": source.pairs("i2t", "test")}
+    held_out = validate(best, test, PairCollator(best.processor, best.max_length), 64, Accelerator(cpu=True))
+    assert held_out["i2t"]["acc"] >= 0.9, held_out
+
+
+def test_resume_from_a_mid_epoch_checkpoint_equals_an_uninterrupted_run(backbone, tmp_path):
+    source = SyntheticPairSource({"train": 40, "valid": 8, "test": 8})
+    cfg = config(backbone, "combo", lr={"combo": 1e-3}, weight_decay={"combo": 0.01}, batch_size=4,
+                 grad_accum=2, checkpoint_every=1, keep_checkpoints=100, combo_ratio=0.5)
+    full = train_variant("combo", cfg, source, tmp_path / "a" / "out", tmp_path / "a" / "work", resume=None)
+    steps = [read_state(c) for c in checkpoints(tmp_path / "a" / "work")]
+    mid = next(c for c, s in zip(checkpoints(tmp_path / "a" / "work"), steps, strict=True) if s.step == 3)
+    assert read_state(mid).epoch == 0 and read_state(mid).micro == 6
+    resumed = train_variant("combo", cfg, source, tmp_path / "b" / "out", tmp_path / "b" / "work", resume=mid)
+    assert resumed.resumed_from == str(mid) and resumed.steps == full.steps == 10
+    final_a, final_b = full.model.state_dict(), resumed.model.state_dict()
+    for name in final_a:
+        assert torch.equal(final_a[name], final_b[name]), name
+    assert resumed.history == full.history
+    assert (tmp_path / "a/out/model.safetensors").read_bytes() == (tmp_path / "b/out/model.safetensors").read_bytes()
+    for entry in full.history:
+        assert entry["val_loss"] == pytest.approx(0.5 * entry["val_loss_i2t"] + entry["val_loss_t2i"], rel=1e-6)
+
+
+def test_auto_resume_continues_and_a_changed_config_starts_fresh(backbone, tmp_path):
+    source = SyntheticPairSource({"train": 16, "valid": 4, "test": 4})
+    cfg = config(backbone, "t2i", lr={"t2i": 1e-3}, batch_size=8, keep_checkpoints=1)
+    work = tmp_path / "work"
+    first = train_variant("t2i", cfg, source, tmp_path / "out", work)
+    assert first.resumed_from is None and first.steps == 4
+    again = train_variant("t2i", cfg, source, tmp_path / "out", work)
+    assert again.resumed_from is not None and again.steps == 4 and again.history == first.history
+    changed = config(backbone, "t2i", lr={"t2i": 5e-4}, batch_size=8)
+    fresh = train_variant("t2i", changed, source, tmp_path / "out", work)
+    assert fresh.resumed_from is None
+    with pytest.raises(ValueError, match="checkpoint of another config"):
+        train_variant("t2i", cfg, source, tmp_path / "out", tmp_path / "w2", resume=checkpoints(work)[-1])
+
+
+def test_early_stopping_keeps_the_best_and_stops(backbone, tmp_path):
+    source = SyntheticPairSource({"train": 32, "valid": 8, "test": 8})
+    cfg = config(backbone, "i2t", lr={"i2t": 0.0}, batch_size=4, validations_per_epoch=4, patience=2, epochs=5)
+    result = train_variant("i2t", cfg, source, tmp_path / "out", tmp_path / "work", resume=None)
+    assert result.stopped_early and result.steps == 6 and result.best_step == 2
+    assert [h["improved"] for h in result.history] == [True, False, False]
+    meta = json.loads((result.best_dir / "reward_config.json").read_text())["metadata"]
+    assert meta["step"] == 2
+
+
+def test_missing_validation_pairs_fail_with_the_fix(backbone, tmp_path):
+    class NoValid(SyntheticPairSource):
+        def pairs(self, task, split):
+            return ListPairSet(task, []) if split == "valid" else super().pairs(task, split)
+
+    with pytest.raises(ValueError, match="no i2t pairs in split 'valid'.*build_pairs.split"):
+        train_variant("i2t", config(backbone, "i2t"), NoValid({"train": 4, "test": 4}), tmp_path / "o", tmp_path / "w")
+
+
+def test_collator_encodes_each_i2t_image_once_and_reads_t2i_prompts_twice(backbone):
+    model = RewardModel.from_backbone(backbone, max_length=16)
+    i2t, t2i = colour_pairs("i2t", 3, 0), colour_pairs("t2i", 2, 0)
+    batch = PairCollator(model.processor, 16)({"i2t": i2t.examples, "t2i": t2i.examples})
+    assert batch.pixel_values.shape[0] == 3 + 4
+    assert batch.input_ids.shape[0] == 6 + 4
+    assert batch.image_index.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 6]
+    assert batch.chosen["i2t"].tolist() == [0, 1, 2] and batch.rejected["i2t"].tolist() == [3, 4, 5]
+    assert batch.chosen["t2i"].tolist() == [6, 7] and batch.rejected["t2i"].tolist() == [8, 9]
+    assert torch.equal(batch.input_ids[6], batch.input_ids[8])
