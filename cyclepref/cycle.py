@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from cyclepref import store, tables
 from cyclepref.config import CaptionerSpec, T2ISpec
 from cyclepref.inputs import INPUTS_SCHEMA, decode_image
-from cyclepref.models import fingerprint
+from cyclepref.models import fingerprint, local_spec
 from cyclepref.engine import map_batches
 from cyclepref.workstore import WorkStore, each, key_of, publish, run_batches, seed_of
 
@@ -69,12 +69,6 @@ def t2i_hash(ctx: Context, spec: T2ISpec) -> str:
         "t2i", ctx.fingerprint(spec.path, spec.revision), spec.family, spec.steps, spec.guidance, spec.height,
         spec.width, spec.dtype,
     )
-
-
-def _spec_at(ctx: Context, spec):
-    """The spec with a local model path made absolute (params paths are relative to the project root)."""
-    local = ctx.root / spec.path
-    return spec.model_copy(update={"path": str(local)}) if local.exists() else spec
 
 
 def text_key(input_id: str, text: str) -> str:
@@ -144,7 +138,7 @@ def generate_i2t(ctx: Context, captioners: list[CaptionerSpec], batch_size: int)
 
         def compute(batches: list[list[str]], spec=spec, input_of=input_of) -> Iterator[pa.Table]:
             payloads = ({"images": [inputs.column("image")[row_of[input_of[k]]].as_py() for k in b]} for b in batches)
-            results = map_batches("caption", _spec_at(ctx, spec), ctx.device, payloads)
+            results = map_batches("caption", local_spec(ctx.root, spec), ctx.device, payloads)
             return (_texts(b, texts) for b, texts in zip(batches, results))
 
         computed += run_batches([it["candidate_id"] for it in items], work, batch_size, compute,
@@ -181,7 +175,7 @@ def reconstruct_i2t(ctx: Context, spec: T2ISpec, batch_size: int) -> dict:
 
     def compute(batches: list[list[str]]) -> Iterator[pa.Table]:
         payloads = ({"prompts": [text_of[k] for k in b], "seeds": [seed_of(k) for k in b]} for b in batches)
-        results = map_batches("render", _spec_at(ctx, spec), ctx.device, payloads)
+        results = map_batches("render", local_spec(ctx.root, spec), ctx.device, payloads)
         return (_image_rows(b, images) for b, images in zip(batches, results))
 
     computed = run_batches([key_of_text[r["text_key"]] for r in unique], work, batch_size, compute,
@@ -228,7 +222,7 @@ def score_i2t(ctx: Context, metric, batch_size: int) -> dict:
         if not todo:
             continue
         if sim is None:
-            sim = ImageSimilarity(_spec_at(ctx, metric), ctx.device)
+            sim = ImageSimilarity(local_spec(ctx.root, metric), ctx.device)
             inputs = read_inputs(ctx, "image")
             input_row = _lookup(inputs, "input_id")
         row = {k: i for i, k in enumerate(rec_keys)}
@@ -294,7 +288,7 @@ def generate_t2i(ctx: Context, models: list[T2ISpec], seeds: list[int], batch_si
 
         def compute(batches: list[list[str]], spec=spec, prompt_of=prompt_of) -> Iterator[pa.Table]:
             payloads = ({"prompts": [prompt_of[k] for k in b], "seeds": [seed_of(k) for k in b]} for b in batches)
-            results = map_batches("render", _spec_at(ctx, spec), ctx.device, payloads)
+            results = map_batches("render", local_spec(ctx.root, spec), ctx.device, payloads)
             return (_image_rows(b, images) for b, images in zip(batches, results))
 
         computed += run_batches([it["candidate_id"] for it in items], work, batch_size, compute,
@@ -327,7 +321,7 @@ def reconstruct_t2i(ctx: Context, spec: CaptionerSpec, batch_size: int) -> dict:
 
         def compute(batches: list[list[str]], shard=shard, row=row) -> Iterator[pa.Table]:
             payloads = ({"images": [shard.column("image")[row[k]].as_py() for k in b]} for b in batches)
-            results = map_batches("caption", _spec_at(ctx, spec), ctx.device, payloads)
+            results = map_batches("caption", local_spec(ctx.root, spec), ctx.device, payloads)
             return (_texts(b, texts) for b, texts in zip(batches, results))
 
         computed += run_batches(keys, work, batch_size, compute, f"reconstruct_t2i[{spec.name}]")
@@ -361,7 +355,7 @@ def score_t2i(ctx: Context, metric, batch_size: int) -> dict:
     work = ctx.work("score_t2i", SCORE_ROWS)
     todo = work.todo(keys)
     if todo:
-        sim = TextSimilarity(_spec_at(ctx, metric), ctx.device)
+        sim = TextSimilarity(local_spec(ctx.root, metric), ctx.device)
         row = {k: i for i, k in enumerate(keys)}
         need = sorted({rows[row[k]]["input_id"] for k in todo})
         prompt_emb = dict(zip(need, sim.embed([prompts[i] for i in need], batch_size), strict=True))

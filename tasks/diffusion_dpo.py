@@ -19,7 +19,8 @@ def run(params: Params, root: Path) -> dict:
 
     from cyclepref.cycle import Context, t2i_hash
     from cyclepref.downstream import adapter_dir, report_path
-    from cyclepref.downstream.data import heldout_inputs, local_spec
+    from cyclepref.downstream.data import heldout_inputs
+    from cyclepref.models import local_spec
     from cyclepref.downstream.diffusion_dpo import load_dpo_t2i, train_diffusion_dpo
     from cyclepref.downstream.evaluate import image_seeds
 

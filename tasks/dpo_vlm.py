@@ -19,7 +19,8 @@ def run(params: Params, root: Path) -> dict:
     import mlflow
 
     from cyclepref.downstream import adapter_dir, report_path
-    from cyclepref.downstream.data import heldout_inputs, local_spec
+    from cyclepref.downstream.data import heldout_inputs
+    from cyclepref.models import local_spec
     from cyclepref.downstream.dpo_vlm import load_dpo_captioner, train_dpo_vlm
 
     cfg = require(params.dpo_vlm, "dpo_vlm")

@@ -20,7 +20,8 @@ def run(params: Params, root: Path) -> dict:
     import mlflow
 
     from cyclepref.downstream import adapter_dir, report_path
-    from cyclepref.downstream.data import heldout_inputs, local_spec
+    from cyclepref.downstream.data import heldout_inputs
+    from cyclepref.models import local_spec
     from cyclepref.downstream.evaluate import evaluate_task
     from cyclepref.downstream.verifiers import Verifiers, VerifierSettings
 

@@ -169,7 +169,8 @@ def run_task(
 ) -> tuple[BestOfNResult, str]:
     """Sample the held-out inputs of one task and evaluate best-of-N; returns the result and the held-out source."""
     from cyclepref.cycle import Context, captioner_hash, t2i_hash
-    from cyclepref.downstream.data import heldout_inputs, local_spec
+    from cyclepref.downstream.data import heldout_inputs
+    from cyclepref.models import local_spec
 
     held = heldout_inputs(root, task, list(cfg.heldout_splits), cfg.max_inputs)
     ctx = Context(Path(root), device)

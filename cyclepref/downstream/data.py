@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,23 +85,3 @@ def pair_examples(root: Path, task: str, split: str, max_pairs: int | None = Non
     return PairList(TablePairSource(Path(root)).pairs(task, split), max_pairs)
 
 
-def local_spec(root: Path, spec):
-    """A model spec whose path, relative to the project root, names a local directory: made absolute."""
-    p = Path(root) / spec.path
-    return spec.model_copy(update={"path": str(p)}) if p.exists() else spec
-
-
-@contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it replaces `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

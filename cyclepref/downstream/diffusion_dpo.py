@@ -18,7 +18,8 @@ import torch
 
 from cyclepref.config import DiffusionDpo, LoraSpec, T2ISpec
 from cyclepref.downstream import META_FILE
-from cyclepref.downstream.data import atomic_dir, local_spec
+from cyclepref.models import local_spec
+from cyclepref.store import atomic_dir
 from cyclepref.downstream.losses import diffusion_dpo_loss
 
 

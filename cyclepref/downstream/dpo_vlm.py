@@ -21,7 +21,8 @@ import torch
 
 from cyclepref.config import CaptionerSpec, DpoVlm, LoraSpec
 from cyclepref.downstream import META_FILE
-from cyclepref.downstream.data import atomic_dir, local_spec
+from cyclepref.models import local_spec
+from cyclepref.store import atomic_dir
 
 
 def lora_config(spec: LoraSpec, **kw):

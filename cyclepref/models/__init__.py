@@ -25,6 +25,13 @@ def locate(path: str) -> str:
     return path
 
 
+def local_spec(root: Path, spec):
+    """A model spec whose path, relative to the project root, names a local directory, made absolute; a hub id
+    is returned unchanged."""
+    p = Path(root) / spec.path
+    return spec.model_copy(update={"path": str(p)}) if p.exists() else spec
+
+
 def load_failed(path: str, err: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     hint = " (HF_HUB_OFFLINE=1: hub ids must already be in the local cache)" if offline and not Path(path).exists() else ""

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from cyclepref.models import tokenizers as tk
+from cyclepref.store import atomic_dir
 
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -314,15 +314,7 @@ def build(name: str, out_root: Path, seed: int, image_size: int) -> Path:
     """Build one zoo model into out_root/<dir> atomically (temporary directory, then rename)."""
     if name not in BUILDERS:
         raise KeyError(f"unknown zoo model {name!r}; known: {sorted(BUILDERS)}")
-    out_root.mkdir(parents=True, exist_ok=True)
-    final = out_root / ZOO_DIRS[name]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out_root))
-    try:
+    final = Path(out_root) / ZOO_DIRS[name]
+    with atomic_dir(final) as tmp:
         BUILDERS[name](tmp, seed, image_size)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return final

@@ -13,11 +13,7 @@ model.safetensors and the BLIP processor files.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 from cyclepref.models import ModelLoadError, load_failed, locate
+from cyclepref.store import atomic_dir
 
 PAPER_HEAD = (1024, 128, 64, 16)
 PAPER_TEXT_WIDTH = 768
@@ -98,20 +95,6 @@ def resize_image_input(backbone, processor, size: int) -> None:
     processor.image_processor.size = {"height": size, "width": size}
 
 
-@contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it replaces `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 class RewardModel(nn.Module):

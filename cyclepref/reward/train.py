@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from cyclepref.reward import VARIANT_TASKS
 from cyclepref.reward.data import MicroBatches, PairBatch, PairCollator, PairSet, PairSource
-from cyclepref.reward.model import RewardModel, atomic_dir
+from cyclepref.reward.model import RewardModel
+from cyclepref.store import atomic_dir
 
 log = logging.getLogger("cyclepref.reward")
 
