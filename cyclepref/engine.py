@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from itertools import islice
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -56,6 +57,8 @@ def map_batches(kind: str, spec: BaseModel, device: str, payloads: Iterable[dict
     """Results of `kind` on each payload, in payload order, on the runtime engine."""
     spec_json = spec.model_dump(mode="json")
     if runtime.engine() == "ray":
+        if Path(spec_json["path"]).exists():
+            spec_json["path"] = str(Path(spec_json["path"]).resolve())
         yield from _ray_map(kind, spec_json, payloads)
         return
     worker = None

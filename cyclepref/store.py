@@ -113,3 +113,22 @@ def write_manifest(out_dir: str | Path, files: list[Path], **extra: object) -> P
         str(Path(f).relative_to(out_dir)): {"bytes": Path(f).stat().st_size, "sha256": file_digest(f)} for f in files
     }
     return write_json({"files": entries, **extra}, out_dir / "_manifest.json")
+
+
+def canonical_safetensors(path: str | Path) -> Path:
+    """Rewrite a .safetensors file with its JSON header keys sorted (the writer's metadata order is not stable
+    across processes), so identical tensors and metadata give identical bytes. Tensor data is not touched."""
+    import struct
+
+    path = Path(path)
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}
+    ordered.update(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
+    return path

@@ -19,7 +19,7 @@ import torch
 from cyclepref.config import DiffusionDpo, LoraSpec, T2ISpec
 from cyclepref.downstream import META_FILE
 from cyclepref.models import local_spec
-from cyclepref.store import atomic_dir
+from cyclepref.store import atomic_dir, canonical_safetensors
 from cyclepref.downstream.losses import diffusion_dpo_loss
 
 
@@ -196,6 +196,8 @@ def save_adapter(unet, out_dir: Path, base: T2ISpec, extra: dict) -> Path:
             str(tmp), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
             unet_lora_adapter_metadata=config, safe_serialization=True,
         )
+        for weights in tmp.glob("*.safetensors"):
+            canonical_safetensors(weights)
         meta = {"kind": "diffusion_dpo", "base": base.model_dump(mode="json"), **extra}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)

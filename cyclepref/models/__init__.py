@@ -11,12 +11,12 @@ class ModelLoadError(RuntimeError):
 
 
 def locate(path: str) -> str:
-    """A local directory as an absolute path; anything else is passed on as a hub id."""
+    """A local directory (as given); anything else is passed on as a hub id."""
     p = Path(path)
     if p.exists():
         if not p.is_dir():
             raise ModelLoadError(f"{path}: expected a model directory, found a file")
-        return str(p.resolve())
+        return str(p)
     if path.startswith((".", "/")) or path.count("/") != 1:
         raise ModelLoadError(
             f"{path}: no such local model directory, and it is not a hub id (org/name); "
@@ -26,10 +26,17 @@ def locate(path: str) -> str:
 
 
 def local_spec(root: Path, spec):
-    """A model spec whose path, relative to the project root, names a local directory, made absolute; a hub id
-    is returned unchanged."""
+    """A model spec whose path, relative to the project root, names a local directory, made loadable from the
+    working directory: relative when the root is (under) it, so that saved configs name the model the same way on
+    every checkout; absolute otherwise. A hub id is returned unchanged."""
     p = Path(root) / spec.path
-    return spec.model_copy(update={"path": str(p)}) if p.exists() else spec
+    if not p.exists():
+        return spec
+    try:
+        path = p.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        path = p.resolve()
+    return spec.model_copy(update={"path": str(path)})
 
 
 def load_failed(path: str, err: Exception) -> ModelLoadError:
