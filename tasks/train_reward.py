@@ -67,7 +67,8 @@ def run(params: Params, root: Path) -> dict:
     tracked = accelerator.is_main_process and mlflow.active_run() is not None
     report: dict[str, dict] = {}
     for variant in cfg.variants:
-        tags = {"cyclepref.stage": "train_reward", "cyclepref.variant": variant}
+        tags = {"cyclepref.stage": "train_reward", "cyclepref.variant": variant,
+                "cyclepref.profile": params.profile}
         ctx = mlflow.start_run(run_name=f"train_reward/{variant}", nested=True, tags=tags) if tracked else None
         with ctx if ctx is not None else nullcontext():
             result = train_variant(
