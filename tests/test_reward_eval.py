@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,8 +22,11 @@ from cyclepref.reward.evaluate import (
     ClipScorer,
     RandomScorer,
     RewardScorer,
+    Scorer,
     evaluate_pairset,
     flat_metrics,
+    pair_outcomes,
+    pairset_outcomes,
     pairwise_accuracy,
     report_markdown,
     wilson,
@@ -45,6 +49,28 @@ def test_accuracy_counts_ties_as_half_with_a_wilson_interval():
     assert (round(lo, 4), round(hi, 4)) == (0.4038, 0.5962)
     assert wilson(1.0, 20)[1] == 1.0 and wilson(0.0, 20)[0] == 0.0
     assert pairwise_accuracy([], []).accuracy is None
+
+
+class ByIdScorer(Scorer):
+    name = "by-id"
+
+    def __init__(self, scores: dict[str, tuple[float, float]]):
+        self.scores = scores
+
+    def score(self, examples):
+        return tuple(np.array([self.scores[e.pair_id][k] for e in examples]) for k in (0, 1))
+
+
+def test_pair_outcomes_are_aligned_by_pair_with_ties_one_half():
+    assert pair_outcomes([3, 2, 1, 5], [1, 2, 4, 0]).tolist() == [1.0, 0.5, 0.0, 1.0]
+    with pytest.raises(ValueError, match="rejected"):
+        pair_outcomes([1, 2], [1])
+    pairs = colour_pairs("t2i", 7, seed=2)
+    ids = [pairs.example(i).pair_id for i in range(7)]
+    expected = [1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0]
+    scorer = ByIdScorer({pid: (o, 1 - o) for pid, o in zip(ids, expected, strict=True)})
+    assert pairset_outcomes(pairs, scorer, batch_size=3).tolist() == expected
+    assert evaluate_pairset(pairs, [scorer], 3)["by-id"].accuracy == pytest.approx(3.5 / 7)
 
 
 def test_scorers_on_a_pair_set(zoo):

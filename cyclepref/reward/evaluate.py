@@ -46,15 +46,21 @@ def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
     return (0.0 if p == 0 else low), (1.0 if p == 1 else high)
 
 
-def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> Accuracy:
+def pair_outcomes(chosen: Sequence[float], rejected: Sequence[float]) -> np.ndarray:
+    """Per pair: 1.0 when the chosen item scores higher, 0.0 when lower, 0.5 on an exact tie."""
     c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
     if c.shape != r.shape:
         raise ValueError(f"{c.shape} chosen scores but {r.shape} rejected scores")
-    n = int(c.size)
+    return (c > r) + 0.5 * (c == r)
+
+
+def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> Accuracy:
+    outcomes = pair_outcomes(chosen, rejected)
+    n = int(outcomes.size)
     if n == 0:
         return Accuracy(None, None, None, 0, 0)
-    ties = int((c == r).sum())
-    p = float(((c > r).sum() + 0.5 * ties) / n)
+    ties = int((outcomes == 0.5).sum())
+    p = float(outcomes.sum() / n)
     lo, hi = wilson(p, n)
     return Accuracy(p, lo, hi, n, ties)
 
@@ -131,8 +137,10 @@ class RandomScorer(Scorer):
         return s[0], s[1]
 
 
-def evaluate_pairset(pairset: PairSet, scorers: Sequence[Scorer], batch_size: int) -> dict[str, Accuracy | None]:
-    """Every scorer on every pair (examples decoded once per chunk); `cycle` is None when the set has no scores."""
+def pairset_scores(
+    pairset: PairSet, scorers: Sequence[Scorer], batch_size: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every scorer's (chosen, rejected) scores of every pair, in pair order (examples decoded once per chunk)."""
     for s in scorers:
         s.reset(pairset)
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {s.name: [] for s in scorers}
@@ -140,11 +148,24 @@ def evaluate_pairset(pairset: PairSet, scorers: Sequence[Scorer], batch_size: in
         examples = [pairset.example(i) for i in range(start, min(start + batch_size, len(pairset)))]
         for s in scorers:
             parts[s.name].append(s.score(examples))
-    out: dict[str, Accuracy | None] = {}
-    for name, chunks in parts.items():
-        ch = np.concatenate([c for c, _ in chunks]) if chunks else np.empty(0)
-        rj = np.concatenate([r for _, r in chunks]) if chunks else np.empty(0)
-        out[name] = pairwise_accuracy(ch, rj)
+    return {
+        name: (
+            np.concatenate([c for c, _ in chunks]) if chunks else np.empty(0),
+            np.concatenate([r for _, r in chunks]) if chunks else np.empty(0),
+        )
+        for name, chunks in parts.items()
+    }
+
+
+def pairset_outcomes(pairset: PairSet, scorer: Scorer, batch_size: int) -> np.ndarray:
+    """One scorer's per-pair outcomes (see `pair_outcomes`), in pair order."""
+    return pair_outcomes(*pairset_scores(pairset, [scorer], batch_size)[scorer.name])
+
+
+def evaluate_pairset(pairset: PairSet, scorers: Sequence[Scorer], batch_size: int) -> dict[str, Accuracy | None]:
+    """Every scorer's pairwise accuracy on every pair; `cycle` is None when the set has no cycle scores."""
+    scores = pairset_scores(pairset, scorers, batch_size)
+    out: dict[str, Accuracy | None] = {name: pairwise_accuracy(ch, rj) for name, (ch, rj) in scores.items()}
     cycle = pairset.cycle_scores()
     out["cycle"] = pairwise_accuracy(*cycle) if cycle is not None else None
     return out
