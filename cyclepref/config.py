@@ -534,7 +534,8 @@ class EvaluateDownstream(Section):
 
 class Retrain(Section):
     """The retraining flow (flows/retrain.py): which reward model is registered, the frozen benchmark that compares the
-    new version (alias `challenger`) with the current `champion`, and the margin a challenger must win by.
+    new version (alias `challenger`) with the current `champion` pair by pair, and what a challenger must win by: a
+    paired-bootstrap interval of its accuracy gain above 0 and a mean gain above the margin.
     Not a DVC stage: changing these keys invalidates nothing."""
 
     registered_model: str = Field(
@@ -551,7 +552,17 @@ class Retrain(Section):
         ge=0.0,
         le=1.0,
         description="The challenger replaces the champion only when its pairwise accuracy exceeds the champion's by "
-        "more than this (a fraction: 0.01 = one point).",
+        "more than this (a fraction: 0.01 = one point) on the same benchmark pairs, and the gain is significant.",
+    )
+    confidence: float = Field(
+        0.95,
+        ge=0.5,
+        le=0.999,
+        description="Level of the paired-bootstrap interval of the challenger's accuracy gain over the champion; the "
+        "challenger is promoted only when the interval's lower bound is above 0.",
+    )
+    bootstrap_samples: int = Field(
+        10000, ge=100, description="Bootstrap resamples of the benchmark pairs for that interval (seed 0)."
     )
     batch_size: int = Field(32, gt=0, description="Pairs per forward pass when scoring the benchmark.")
     watch_dir: str | None = Field(
