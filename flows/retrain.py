@@ -5,10 +5,14 @@
 3. Register the reward model that train_reward logged for `retrain.variant` (a new version, or the existing version
    when DVC skipped training), and what the stages in `retrain.adapters` produced (DPO LoRA adapters).
 4. Score the challenger and the current `champion` with their MLflow pyfuncs on the frozen benchmark
-   (`retrain.benchmark`); `decide` promotes only when the challenger wins by more than `retrain.margin`.
+   (`retrain.benchmark`), pair by pair. `decide` runs a paired test on those same pairs: it promotes only when the
+   lower bound of the paired-bootstrap interval (level `retrain.confidence`, `retrain.bootstrap_samples` resamples of
+   the pairs) of the challenger's accuracy gain over the champion is above 0 and the mean gain is more than
+   `retrain.margin`, so a win inside the noise keeps the champion. Without a champion the challenger is promoted.
 5. Only then move aliases: `challenger` -> the new version; on promotion `previous-champion` -> the old champion
-   (for rollback) and `champion` -> the new version. The decision is recorded as model version tags, parent run
-   tags and a markdown artifact. Any failure before step 5 (a failed gate, a stage error) leaves aliases untouched.
+   (for rollback) and `champion` -> the new version. The decision (accuracies, gain, its interval, number of pairs)
+   is recorded as model version tags, parent run tags and a markdown artifact. Any failure before step 5 (a failed
+   gate, a stage error) leaves aliases untouched.
 """
 
 from __future__ import annotations
@@ -20,43 +24,91 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from cyclepref.stats import mcnemar_p, paired_bootstrap
 from flows import lineage
 from flows.pipeline import PipelineResult, pipeline
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 REWARD_STAGE = "train_reward"
 TIE_TOLERANCE = 1e-9
+BOOTSTRAP_SEED = 0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Challenger minus champion on the same benchmark pairs: accuracies, the mean gain, its paired-bootstrap
+    interval at `confidence` and the exact McNemar p-value."""
+
+    challenger: float
+    champion: float
+    gain: float
+    low: float
+    high: float
+    confidence: float
+    pairs: int
+    mcnemar_p: float
+
+    def describe(self) -> str:
+        return (
+            f"challenger {self.challenger:.4f} vs champion {self.champion:.4f} on {self.pairs} pairs, gain "
+            f"{self.gain:+.4f} ({100 * self.confidence:g}% interval [{self.low:+.4f}, {self.high:+.4f}])"
+        )
+
+
+def compare(challenger: np.ndarray, champion: np.ndarray, confidence: float, n_boot: int) -> Comparison:
+    """Paired comparison of two per-pair outcome arrays aligned by pair (1 right, 0 wrong, 0.5 tie)."""
+    gain, low, high = paired_bootstrap(challenger, champion, n_boot, BOOTSTRAP_SEED, confidence)
+    return Comparison(
+        float(np.mean(challenger)), float(np.mean(champion)), gain, low, high, confidence, len(challenger),
+        mcnemar_p(challenger, champion),
+    )
 
 
 @dataclass(frozen=True)
 class Decision:
     promote: bool
     reason: str
+    comparison: Comparison | None = None
 
 
-def decide(challenger: float | None, champion: float | None, margin: float, benchmark_present: bool) -> Decision:
-    """Promote the challenger only when the benchmark exists and it beats the champion by more than `margin`
-    (or there is no champion yet). Accuracies are fractions; differences within 1e-9 count as ties."""
+def judge(c: Comparison, margin: float) -> Decision:
+    """Promote only when the gain's interval lies above 0 and the mean gain is more than `margin`."""
+    if abs(c.gain) <= TIE_TOLERANCE:
+        return Decision(False, f"{c.describe()}: tie", c)
+    if c.gain < 0:
+        return Decision(False, f"{c.describe()}: challenger is worse", c)
+    if c.low <= 0:
+        return Decision(False, f"{c.describe()}: gain inside the noise (lower bound {c.low:+.4f} is not above 0)", c)
+    if c.gain <= margin + TIE_TOLERANCE:
+        return Decision(False, f"{c.describe()}: significant, but gain {c.gain:.4f} not more than margin {margin}", c)
+    return Decision(True, f"{c.describe()}: challenger beats champion, lower bound above 0, gain > margin {margin}", c)
+
+
+def decide(
+    challenger: np.ndarray | None,
+    champion: np.ndarray | None,
+    margin: float,
+    benchmark_present: bool,
+    confidence: float = 0.95,
+    n_boot: int = 10000,
+) -> Decision:
+    """Promote the challenger only when the benchmark exists and either there is no champion yet, or, on the same
+    pairs, the paired-bootstrap interval of its accuracy gain lies above 0 and the mean gain is more than `margin`.
+    Outcomes are per-pair arrays aligned by pair; gains within 1e-9 of 0 or of the margin count as ties."""
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     if not benchmark_present:
         return Decision(False, "benchmark missing (or without pairs of the variant's tasks): nothing was compared")
     if challenger is None:
-        raise ValueError("the benchmark is present, so the challenger's accuracy is required")
+        raise ValueError("the benchmark is present, so the challenger's per-pair outcomes are required")
     if champion is None:
-        return Decision(True, f"no champion yet: the challenger ({challenger:.4f}) becomes champion")
-    gain = challenger - champion
-    versus = f"challenger {challenger:.4f} vs champion {champion:.4f}"
-    if gain > margin + TIE_TOLERANCE:
-        return Decision(True, f"{versus}: challenger beats champion by {gain:.4f} > margin {margin}")
-    if abs(gain) <= TIE_TOLERANCE:
-        return Decision(False, f"{versus}: tie")
-    if gain < 0:
-        return Decision(False, f"{versus}: challenger is worse")
-    return Decision(False, f"{versus}: better by {gain:.4f}, not more than margin {margin}")
+        accuracy, n = float(np.mean(challenger)), len(challenger)
+        return Decision(True, f"no champion yet: the challenger ({accuracy:.4f} on {n} pairs) becomes champion")
+    return judge(compare(challenger, champion, confidence, n_boot), margin)
 
 
 @dataclass
@@ -69,6 +121,7 @@ class RetrainResult:
     champion_accuracy: float | None
     benchmark: str
     decision: Decision
+    pairs: int = 0
     ingested: dict[str, int] = field(default_factory=dict)
     adapters: dict[str, list[str]] = field(default_factory=dict)
 
@@ -217,31 +270,55 @@ def benchmark_pairs(path: Path, tasks: tuple[str, ...]) -> int:
     return sum(len(s) for t, s in load_benchmark(path).items() if t in tasks)
 
 
-def benchmark_accuracy(model_uri: str, path: Path, tasks: tuple[str, ...], batch_size: int) -> float:
-    """Pairwise accuracy of a registered reward model (loaded through its MLflow pyfunc) on the benchmark's pairs of
-    `tasks`, pooled over tasks (ties count one half)."""
+def benchmark_outcomes(model_uri: str, path: Path, tasks: tuple[str, ...], batch_size: int) -> np.ndarray:
+    """Per-pair outcomes of a registered reward model (loaded through its MLflow pyfunc) on the benchmark's pairs of
+    `tasks`: 1 when the chosen item gets the higher reward, 0 when lower, 0.5 on a tie; the benchmark's tasks in
+    order, pairs in file order, so two models' arrays are aligned by pair."""
     from cyclepref.reward.benchmarks import load_benchmark
-    from cyclepref.reward.evaluate import RewardScorer, evaluate_pairset
+    from cyclepref.reward.evaluate import RewardScorer, pairset_outcomes
     from cyclepref.reward.pyfunc import load_reward_model
 
-    model = load_reward_model(model_uri)
-    correct, total = 0.0, 0
-    for task_name, pairset in load_benchmark(path).items():
-        if task_name not in tasks:
-            continue
-        acc = evaluate_pairset(pairset, [RewardScorer("reward", model)], batch_size)["reward"]
-        if acc is not None and acc.accuracy is not None:
-            correct += acc.accuracy * acc.n
-            total += acc.n
-    if total == 0:
+    scorer = RewardScorer("reward", load_reward_model(model_uri))
+    parts = [pairset_outcomes(s, scorer, batch_size) for t, s in load_benchmark(path).items() if t in tasks]
+    if not parts:
         raise ValueError(f"{path}: no pairs of tasks {tasks}")
-    return correct / total
+    return np.concatenate(parts)
+
+
+def score_versions(evaluate, cfg, path: Path, pairs: int, challenger: str, champion: str | None):
+    """`evaluate`'s per-pair outcomes of the challenger version and of the champion (None without one), each checked
+    to hold one value per benchmark pair of the variant's tasks."""
+    tasks = benchmark_tasks(cfg.variant)
+
+    def outcomes(model_uri: str) -> np.ndarray:
+        out = np.asarray(evaluate(model_uri, path, tasks, cfg.batch_size), dtype=np.float64)
+        if out.shape != (pairs,):
+            raise ValueError(
+                f"{model_uri}: expected {pairs} outcomes, one per pair of {tasks} in {path}, got shape {out.shape}"
+            )
+        return out
+
+    name = cfg.registered_model
+    challenger_out = outcomes(f"models:/{name}/{challenger}")
+    return challenger_out, None if champion is None else outcomes(f"models:/{name}@{CHAMPION}")
+
+
+def percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def gain_line(r: RetrainResult) -> str:
+    c = r.decision.comparison
+    if c is None:
+        return f"Benchmark pairs scored: {r.pairs}; no paired comparison (no champion, or nothing compared)."
+    return (
+        f"Gain (challenger - champion) on the same {c.pairs} pairs: {100 * c.gain:+.2f} points, "
+        f"{100 * c.confidence:g}% paired-bootstrap interval [{100 * c.low:+.2f}, {100 * c.high:+.2f}] points; "
+        f"exact McNemar p = {c.mcnemar_p:.4g}."
+    )
 
 
 def decision_markdown(r: RetrainResult) -> str:
-    def fmt(x: float | None) -> str:
-        return "n/a" if x is None else f"{100 * x:.2f}%"
-
     verdict = "PROMOTED" if r.decision.promote else "kept the champion"
     return "\n".join([
         f"# Retraining decision: {verdict}",
@@ -250,8 +327,10 @@ def decision_markdown(r: RetrainResult) -> str:
         "",
         "| | version | benchmark accuracy |",
         "|---|---|---|",
-        f"| challenger | {r.challenger_version} | {fmt(r.challenger_accuracy)} |",
-        f"| champion before | {r.champion_version or 'none'} | {fmt(r.champion_accuracy)} |",
+        f"| challenger | {r.challenger_version} | {percent(r.challenger_accuracy)} |",
+        f"| champion before | {r.champion_version or 'none'} | {percent(r.champion_accuracy)} |",
+        "",
+        gain_line(r),
         "",
         f"Registered model `{r.registered_model}`; benchmark `{r.benchmark}`; "
         f"pipeline MLflow run `{r.pipeline_run_id}`.",
@@ -263,15 +342,43 @@ def decision_markdown(r: RetrainResult) -> str:
     ]) + "\n"
 
 
+def mean_or_none(outcomes: np.ndarray | None) -> float | None:
+    return None if outcomes is None else float(outcomes.mean())
+
+
+def decision_tags(r: RetrainResult) -> dict[str, str]:
+    """What a decision records on the challenger's model version (and, as retrain.*, on the parent run)."""
+    c = r.decision.comparison
+
+    def number(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.6f}"
+
+    return {
+        "cyclepref.decision": "promoted" if r.decision.promote else "kept",
+        "cyclepref.decision_reason": r.decision.reason,
+        "cyclepref.champion_before": r.champion_version or "none",
+        "cyclepref.challenger_accuracy": number(r.challenger_accuracy),
+        "cyclepref.champion_accuracy": number(r.champion_accuracy),
+        "cyclepref.gain": number(getattr(c, "gain", None)),
+        "cyclepref.gain_low": number(getattr(c, "low", None)),
+        "cyclepref.gain_high": number(getattr(c, "high", None)),
+        "cyclepref.gain_confidence": "n/a" if c is None else f"{c.confidence:g}",
+        "cyclepref.mcnemar_p": "n/a" if c is None else f"{c.mcnemar_p:.6g}",
+        "cyclepref.benchmark_pairs": str(r.pairs),
+        "cyclepref.benchmark": r.benchmark,
+        "cyclepref.benchmark_digest": benchmark_digest(Path(r.benchmark)),
+    }
+
+
 def promote(
     client,
     result: PipelineResult,
     cfg,
     root: Path,
-    evaluate=benchmark_accuracy,
+    evaluate=benchmark_outcomes,
 ) -> RetrainResult:
     """Register the pipeline's reward model, compare it with the champion and move the aliases (steps 3-5).
-    `evaluate(model_uri, benchmark, tasks, batch_size) -> accuracy` scores one registered version."""
+    `evaluate(model_uri, benchmark, tasks, batch_size) -> per-pair outcomes` scores one registered version."""
     name = cfg.registered_model
     train_run = producer_run(result, REWARD_STAGE)
     model = reward_model(client, train_run, cfg.variant)
@@ -279,31 +386,20 @@ def promote(
     challenger = str(register(client, name, model, tags).version)
     champion = alias_version(client, name, CHAMPION)
     bench = (root / cfg.benchmark).resolve()
-    tasks = benchmark_tasks(cfg.variant)
-    present = benchmark_pairs(bench, tasks) > 0
-    challenger_acc = champion_acc = None
+    pairs = benchmark_pairs(bench, benchmark_tasks(cfg.variant))
+    challenger_out = champion_out = None
     if champion == challenger:
         decision = Decision(False, f"version {challenger} is already the champion (no new reward model)")
     else:
-        if present:
-            challenger_acc = evaluate(f"models:/{name}/{challenger}", bench, tasks, cfg.batch_size)
-            if champion is not None:
-                champion_acc = evaluate(f"models:/{name}@{CHAMPION}", bench, tasks, cfg.batch_size)
-        decision = decide(challenger_acc, champion_acc, cfg.margin, present)
+        if pairs:
+            challenger_out, champion_out = score_versions(evaluate, cfg, bench, pairs, challenger, champion)
+        decision = decide(challenger_out, champion_out, cfg.margin, pairs > 0, cfg.confidence, cfg.bootstrap_samples)
     out = RetrainResult(
-        result.parent_run_id, name, challenger, champion, challenger_acc, champion_acc, str(bench), decision
+        result.parent_run_id, name, challenger, champion, mean_or_none(challenger_out), mean_or_none(champion_out),
+        str(bench), decision, pairs=0 if challenger_out is None else len(challenger_out),
     )
-    record = {
-        "cyclepref.decision": "promoted" if decision.promote else "kept",
-        "cyclepref.decision_reason": decision.reason,
-        "cyclepref.champion_before": champion or "none",
-        "cyclepref.challenger_accuracy": "n/a" if challenger_acc is None else f"{challenger_acc:.6f}",
-        "cyclepref.champion_accuracy": "n/a" if champion_acc is None else f"{champion_acc:.6f}",
-        "cyclepref.benchmark": str(bench),
-        "cyclepref.benchmark_digest": benchmark_digest(bench),
-    }
     apply_decision(client, name, challenger, champion, decision)
-    for key, value in record.items():
+    for key, value in decision_tags(out).items():
         client.set_model_version_tag(name, challenger, key, value)
         client.set_tag(result.parent_run_id, f"retrain.{key.removeprefix('cyclepref.')}", value)
     client.set_tag(result.parent_run_id, "retrain.challenger_version", challenger)

@@ -6,47 +6,84 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 from cyclepref.config import Retrain
 from flows import lineage
 from flows.pipeline import PipelineResult, StageOutcome
-from flows.retrain import CHALLENGER, CHAMPION, PREVIOUS, decide, promote
+from flows.retrain import CHALLENGER, CHAMPION, PREVIOUS, decide, decision_markdown, promote
 
 NAME = "cyclereward"
 MARGIN = 0.02
+PAIRS = 200
+
+
+def _outcomes(correct: int, start: int = 0) -> np.ndarray:
+    """Per-pair outcomes on PAIRS pairs: right on pairs start .. start + correct - 1, wrong elsewhere."""
+    out = np.zeros(PAIRS)
+    out[start:start + correct] = 1.0
+    return out
 
 
 @pytest.mark.parametrize(
-    ("challenger", "champion", "present", "promoted", "reason"),
+    ("challenger", "champion", "margin", "present", "promoted", "reason"),
     [
-        (0.60, None, True, True, "no champion yet"),
-        (0.55, 0.60, True, False, "worse"),
-        (0.60, 0.60, True, False, "tie"),
-        (0.61, 0.60, True, False, "not more than margin"),
-        (0.62, 0.60, True, False, "not more than margin"),
-        (0.63, 0.60, True, True, "beats champion"),
-        (None, 0.60, False, False, "benchmark missing"),
-        (None, None, False, False, "benchmark missing"),
+        (_outcomes(120), None, MARGIN, True, True, "no champion yet"),
+        (_outcomes(110), _outcomes(120), MARGIN, True, False, "worse"),
+        (_outcomes(120), _outcomes(120), MARGIN, True, False, "tie"),
+        (_outcomes(120, start=40), _outcomes(120), MARGIN, True, False, "tie"),
+        (_outcomes(101, start=40), _outcomes(100), 0.0, True, False, "inside the noise"),
+        (_outcomes(130), _outcomes(120), 0.1, True, False, "not more than margin"),
+        (_outcomes(180), _outcomes(120), MARGIN, True, True, "beats champion"),
+        (None, _outcomes(120), MARGIN, False, False, "benchmark missing"),
+        (None, None, MARGIN, False, False, "benchmark missing"),
     ],
+    ids=["first", "worse", "identical", "same-accuracy", "noise", "below-margin", "clearly-better", "no-bench",
+         "no-bench-no-champion"],
 )
-def test_decide(challenger, champion, present, promoted, reason):
-    decision = decide(challenger, champion, MARGIN, present)
+def test_decide(challenger, champion, margin, present, promoted, reason):
+    decision = decide(challenger, champion, margin, present)
     assert decision.promote is promoted
     assert reason in decision.reason
 
 
+def test_a_win_inside_the_noise_is_not_promoted_though_its_gain_beats_the_margin():
+    decision = decide(_outcomes(101, start=40), _outcomes(100), 0.0, True)
+    c = decision.comparison
+    assert not decision.promote
+    assert (c.challenger, c.champion, c.pairs) == (0.505, 0.5, PAIRS)
+    assert c.gain == pytest.approx(0.005) and c.low < 0 < c.high
+    assert "on 200 pairs, gain +0.0050" in decision.reason and f"lower bound {c.low:+.4f}" in decision.reason
+
+
+def test_a_significant_gain_below_the_margin_is_not_promoted():
+    decision = decide(_outcomes(130), _outcomes(120), 0.1, True)
+    assert decision.comparison.low > 0 and decision.comparison.gain == pytest.approx(0.05)
+    assert not decision.promote and "gain 0.0500 not more than margin 0.1" in decision.reason
+
+
+def test_a_clearly_better_challenger_is_promoted_with_its_interval():
+    decision = decide(_outcomes(180), _outcomes(120), MARGIN, True)
+    c = decision.comparison
+    assert decision.promote
+    assert c.gain == pytest.approx(0.3) and 0.2 < c.low < 0.3 < c.high <= 0.4 and c.mcnemar_p < 1e-15
+
+
+def test_confidence_sets_how_far_above_zero_the_interval_must_be():
+    challenger, champion = _outcomes(125), _outcomes(120)
+    assert decide(challenger, champion, 0.0, True, confidence=0.95).promote
+    assert not decide(challenger, champion, 0.0, True, confidence=0.999).promote
+
+
 def test_decide_rejects_bad_inputs():
     with pytest.raises(ValueError, match="margin"):
-        decide(0.6, 0.5, -0.1, True)
+        decide(_outcomes(120), _outcomes(100), -0.1, True)
     with pytest.raises(ValueError, match="challenger"):
-        decide(None, 0.5, MARGIN, True)
-
-
-def test_zero_margin_promotes_any_strict_improvement_but_not_a_tie():
-    assert decide(0.6001, 0.6, 0.0, True).promote
-    assert not decide(0.6, 0.6, 0.0, True).promote
+        decide(None, _outcomes(100), MARGIN, True)
+    with pytest.raises(ValueError, match="same length"):
+        decide(_outcomes(120), _outcomes(100)[:-1], MARGIN, True)
 
 
 # ---------------------------------------------------------------- registry
@@ -58,8 +95,7 @@ class Registry:
     def __init__(self, client: MlflowClient, root: Path):
         self.client, self.root = client, root
         self.exp = lineage.experiment_id(client)
-        self.accuracy: dict[str, float] = {}
-        self.by_model: dict[str, float] = {}
+        self.by_model: dict[str, np.ndarray] = {}
         self.evaluated: list[str] = []
 
     def train_runs(self) -> tuple[str, str]:
@@ -73,12 +109,12 @@ class Registry:
         ).info.run_id
         return train, variant
 
-    def trained(self, accuracy: float) -> PipelineResult:
-        """A pipeline whose train_reward run logged a combo model of the given benchmark accuracy."""
+    def trained(self, outcomes: np.ndarray) -> PipelineResult:
+        """A pipeline whose train_reward run logged a combo model with the given per-pair benchmark outcomes."""
         train, variant = self.train_runs()
         model = self.client.create_logged_model(self.exp, name="reward_model", source_run_id=variant)
         self.client.finalize_logged_model(model.model_id, "READY")
-        self.by_model[model.model_id] = accuracy
+        self.by_model[model.model_id] = outcomes
         return self.rerun(train)
 
     def rerun(self, train_run: str) -> PipelineResult:
@@ -87,7 +123,7 @@ class Registry:
         outcome = StageOutcome("train_reward", "skipped", 0.5, 1, "child", train_run, "hash")
         return PipelineResult(parent, self.exp, "flowtest", ["train_reward"], [outcome])
 
-    def evaluate(self, uri: str, bench: Path, tasks: tuple[str, ...], batch_size: int) -> float:
+    def evaluate(self, uri: str, bench: Path, tasks: tuple[str, ...], batch_size: int) -> np.ndarray:
         name, ref = uri.removeprefix("models:/").replace("@", "/").split("/")
         if ref.isdigit():
             version = self.client.get_model_version(name, ref)
@@ -106,10 +142,10 @@ def registry(mlflow_uri, tmp_path) -> Registry:
 
 
 def _benchmark(path: Path) -> Path:
-    rows = [
-        {"id": "p1", "task": "i2t", "image": "images/a.png", "chosen": "a red square", "rejected": "a blue square"},
-        {"id": "p2", "task": "t2i", "prompt": "a red square", "chosen": "images/a.png", "rejected": "images/b.png"},
-    ]
+    """PAIRS pairs of both tasks (never decoded: the registry's evaluate is a lookup)."""
+    i2t = {"task": "i2t", "image": "images/a.png", "chosen": "a red square", "rejected": "a blue square"}
+    t2i = {"task": "t2i", "prompt": "a red square", "chosen": "images/a.png", "rejected": "images/b.png"}
+    rows = [{"id": f"p{i}", **(i2t if i % 2 else t2i)} for i in range(PAIRS)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -124,56 +160,88 @@ def _promote(registry: Registry, result: PipelineResult, cfg: Retrain):
 
 
 def test_first_model_becomes_champion(registry):
-    out = _promote(registry, registry.trained(0.60), _cfg(registry.root))
+    out = _promote(registry, registry.trained(_outcomes(120)), _cfg(registry.root))
     assert out.decision.promote and out.champion_version is None and out.challenger_version == "1"
     assert registry.aliases() == {CHAMPION: "1", CHALLENGER: "1"}
     assert registry.evaluated == ["1"]
     tags = registry.client.get_model_version(NAME, "1").tags
     assert tags["cyclepref.decision"] == "promoted" and tags["cyclepref.champion_before"] == "none"
-    assert tags["cyclepref.challenger_accuracy"] == "0.600000"
+    assert tags["cyclepref.challenger_accuracy"] == "0.600000" and tags["cyclepref.benchmark_pairs"] == "200"
+    assert tags["cyclepref.gain"] == tags["cyclepref.gain_low"] == tags["cyclepref.gain_high"] == "n/a"
     run_tags = registry.client.get_run(out.pipeline_run_id).data.tags
     assert run_tags["retrain.decision"] == "promoted" and run_tags["retrain.challenger_version"] == "1"
 
 
 @pytest.mark.parametrize(
-    ("accuracy", "promoted"),
-    [(0.55, False), (0.60, False), (0.61, False), (0.65, True)],
-    ids=["worse", "tie", "better-by-less-than-margin", "better-by-more-than-margin"],
+    ("outcomes", "margin", "promoted"),
+    [
+        (_outcomes(110), MARGIN, False),
+        (_outcomes(120, start=40), MARGIN, False),
+        (_outcomes(121, start=40), 0.0, False),
+        (_outcomes(130), 0.1, False),
+        (_outcomes(180), MARGIN, True),
+    ],
+    ids=["worse", "tie", "better-inside-the-noise", "significant-but-below-margin", "clearly-better"],
 )
-def test_challenger_against_champion(registry, accuracy, promoted):
-    cfg = _cfg(registry.root)
-    _promote(registry, registry.trained(0.60), cfg)
-    out = _promote(registry, registry.trained(accuracy), cfg)
+def test_challenger_against_champion(registry, outcomes, margin, promoted):
+    cfg = _cfg(registry.root).model_copy(update={"margin": margin})
+    _promote(registry, registry.trained(_outcomes(120)), cfg)
+    out = _promote(registry, registry.trained(outcomes), cfg)
     assert out.decision.promote is promoted
-    assert (out.challenger_accuracy, out.champion_accuracy, out.champion_version) == (accuracy, 0.60, "1")
+    assert (out.challenger_accuracy, out.champion_accuracy, out.champion_version) == (outcomes.mean(), 0.60, "1")
     assert registry.evaluated == ["1", "2", "1"]
     if promoted:
         assert registry.aliases() == {CHAMPION: "2", CHALLENGER: "2", PREVIOUS: "1"}
     else:
         assert registry.aliases() == {CHAMPION: "1", CHALLENGER: "2"}
-    decision = registry.client.get_model_version(NAME, "2").tags["cyclepref.decision"]
-    assert decision == ("promoted" if promoted else "kept")
+    c = out.decision.comparison
+    tags = registry.client.get_model_version(NAME, "2").tags
+    assert tags["cyclepref.decision"] == ("promoted" if promoted else "kept")
+    assert float(tags["cyclepref.gain"]) == pytest.approx(outcomes.mean() - 0.6, abs=1e-6)
+    assert (tags["cyclepref.gain_low"], tags["cyclepref.gain_high"]) == (f"{c.low:.6f}", f"{c.high:.6f}")
+    assert tags["cyclepref.benchmark_pairs"] == "200"
+    run_tags = registry.client.get_run(out.pipeline_run_id).data.tags
+    assert run_tags["retrain.gain_low"] == tags["cyclepref.gain_low"]
+
+
+def test_decision_markdown_shows_accuracies_gain_interval_and_pairs(registry):
+    cfg = _cfg(registry.root)
+    _promote(registry, registry.trained(_outcomes(120)), cfg)
+    out = _promote(registry, registry.trained(_outcomes(180)), cfg)
+    c = out.decision.comparison
+    text = decision_markdown(out)
+    assert "| challenger | 2 | 90.00% |" in text and "| champion before | 1 | 60.00% |" in text
+    assert "on the same 200 pairs: +30.00 points" in text
+    assert f"95% paired-bootstrap interval [{100 * c.low:+.2f}, {100 * c.high:+.2f}] points" in text
+
+
+def test_outcomes_not_aligned_with_the_benchmark_fail_before_any_alias(registry):
+    cfg = _cfg(registry.root)
+    with pytest.raises(ValueError, match="expected 200 outcomes"):
+        _promote(registry, registry.trained(_outcomes(120)[:-1]), cfg)
+    assert registry.client.get_registered_model(NAME).aliases == {}
 
 
 def test_missing_benchmark_never_promotes(registry):
     cfg = _cfg(registry.root)
-    _promote(registry, registry.trained(0.60), cfg)
-    out = _promote(registry, registry.trained(0.99), cfg.model_copy(update={"benchmark": "absent.jsonl"}))
+    _promote(registry, registry.trained(_outcomes(120)), cfg)
+    out = _promote(registry, registry.trained(_outcomes(198)), cfg.model_copy(update={"benchmark": "absent.jsonl"}))
     assert not out.decision.promote and "benchmark missing" in out.decision.reason
     assert out.challenger_accuracy is None and registry.evaluated == ["1"]
     assert registry.aliases() == {CHAMPION: "1", CHALLENGER: "2"}
+    assert registry.client.get_model_version(NAME, "2").tags["cyclepref.benchmark_pairs"] == "0"
 
 
 def test_missing_benchmark_without_champion_promotes_nothing(registry):
-    out = _promote(registry, registry.trained(0.9), _cfg(registry.root, benchmark="absent.jsonl"))
+    out = _promote(registry, registry.trained(_outcomes(180)), _cfg(registry.root, benchmark="absent.jsonl"))
     assert not out.decision.promote
     assert registry.aliases() == {CHALLENGER: "1"}
 
 
 def test_skipped_training_reuses_the_version_and_rollback_alias_survives(registry):
     cfg = _cfg(registry.root)
-    _promote(registry, registry.trained(0.60), cfg)
-    second = registry.trained(0.70)
+    _promote(registry, registry.trained(_outcomes(120)), cfg)
+    second = registry.trained(_outcomes(180))
     _promote(registry, second, cfg)
     train_run = second.outcomes[0].producer_run_id
     again = _promote(registry, registry.rerun(train_run), cfg)
@@ -212,10 +280,10 @@ def test_registered_pyfunc_is_scored_on_the_benchmark(mlflow_uri, tmp_path):
 
     from cyclepref.models import zoo
     from cyclepref.reward.benchmarks import load_benchmark
-    from cyclepref.reward.evaluate import RewardScorer, evaluate_pairset
+    from cyclepref.reward.evaluate import RewardScorer, evaluate_pairset, pair_outcomes
     from cyclepref.reward.model import RewardModel
     from cyclepref.reward.pyfunc import log_reward_model
-    from flows.retrain import benchmark_accuracy
+    from flows.retrain import benchmark_outcomes
 
     backbone = zoo.build("blip_itm", tmp_path / "zoo", seed=0, image_size=32)
     model = RewardModel.from_backbone(str(backbone), seed=0, max_length=16)
@@ -231,13 +299,17 @@ def test_registered_pyfunc_is_scored_on_the_benchmark(mlflow_uri, tmp_path):
     cfg = Retrain(registered_model=NAME, benchmark=str(bench), batch_size=4)
     out = promote(client, registry.rerun(train), cfg, tmp_path)
 
-    correct, total = 0.0, 0
-    for pairset in load_benchmark(bench).values():
-        acc = evaluate_pairset(pairset, [RewardScorer("m", RewardModel.from_pretrained(tmp_path / "reward"))], 4)["m"]
-        correct, total = correct + acc.accuracy * acc.n, total + acc.n
-    assert total == 12
-    assert out.decision.promote and out.challenger_accuracy == pytest.approx(correct / total)
-    assert benchmark_accuracy(f"models:/{NAME}@{CHAMPION}", bench, ("i2t", "t2i"), 4) == pytest.approx(correct / total)
+    scorer = RewardScorer("m", RewardModel.from_pretrained(tmp_path / "reward"))
+    by_task = load_benchmark(bench)
+    accuracy = {t: evaluate_pairset(pairset, [scorer], 4)["m"] for t, pairset in by_task.items()}
+    direct = [pair_outcomes(*scorer.score([s.example(i) for i in range(len(s))])) for s in by_task.values()]
+    assert list(by_task) == ["i2t", "t2i"] and sum(a.n for a in accuracy.values()) == 12
+    pooled = sum(a.accuracy * a.n for a in accuracy.values()) / 12
+    assert out.decision.promote and out.challenger_accuracy == pytest.approx(pooled)
+    outcomes = benchmark_outcomes(f"models:/{NAME}@{CHAMPION}", bench, ("i2t", "t2i"), 4)
+    assert outcomes.shape == (12,) and outcomes.mean() == pytest.approx(pooled)
+    assert outcomes.tolist() == np.concatenate(direct).tolist()
+    assert benchmark_outcomes(f"models:/{NAME}@{CHAMPION}", bench, ("t2i",), 4).tolist() == direct[1].tolist()
 
 
 def test_dpo_adapters_are_registered_once_per_producing_run(registry, tmp_path):
