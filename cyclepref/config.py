@@ -393,7 +393,9 @@ class EvaluateReward(Section):
 
 
 DownstreamTask = Literal["i2t", "t2i"]
-VerifierKind = Literal["reward", "cycle", "clipscore"]
+ModelJudge = Literal["reward", "cycle", "clipscore"]
+VerifierKind = Literal["reward", "cycle", "clipscore", "random"]
+EvaluatorKind = Literal["reward", "cycle", "clipscore", "ground_truth"]
 DPO_VLM_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl")
 
 
@@ -410,7 +412,10 @@ class LoraSpec(Section):
 
 class BestOfN(Section):
     """Best-of-N (PAPER.md §6): per held-out input, sample max(n) candidates once (per-item seeds); for each N and
-    verifier pick the best of the first N; report the evaluator's mean score of the picks against N."""
+    verifier pick the best of the first N; report the evaluator's mean score of the picks against N, with a
+    bootstrap interval over inputs. Verifier `random` scores each candidate by a number seeded from its key (the
+    plain-sampling baseline). Evaluator `ground_truth` is the attribute F1 of the pick against the sandbox's true
+    scene of the input (`truth`); `second_evaluator` (a model) is reported beside it."""
 
     tasks: list[DownstreamTask] = Field(default_factory=lambda: ["i2t", "t2i"], min_length=1)
     n: list[int] = Field(min_length=1, description="Increasing candidate counts, e.g. [1, 2, 4, 8, 16].")
@@ -419,10 +424,17 @@ class BestOfN(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="i2t nucleus sampling mass.")
     t2i_model: T2ISpec | None = Field(None, description="t2i: the text-to-image model; one image per seed.")
     verifiers: list[VerifierKind] = Field(default_factory=lambda: ["reward", "cycle", "clipscore"], min_length=1)
-    evaluator: VerifierKind = Field(
+    evaluator: EvaluatorKind = Field(
         "reward",
-        description="Scores the picks. The reward model until ground truth exists; it favours the reward verifier.",
+        description="Scores the picks: ground_truth where the inputs have true scenes (needs `truth`); a model "
+        "evaluator favours the verifier of the same kind.",
     )
+    truth: str | None = Field(
+        None, description="Sandbox input folder holding scenes.jsonl (e.g. data/world/inputs); evaluator ground_truth."
+    )
+    second_evaluator: ModelJudge | None = Field(None, description="A model evaluator reported beside (model-judged).")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence of the intervals.")
+    bootstrap_samples: int = Field(10000, gt=0, description="Resamples of the inputs per interval.")
     reward_model: str = Field("data/reward/combo/model", description="A RewardModel directory (train_reward).")
     clip: str | None = Field(None, description="open_clip model for CLIPScore (directory or hf-hub: id).")
     heldout_splits: list[Literal["train", "valid", "test"]] = Field(
@@ -443,8 +455,9 @@ class BestOfN(Section):
             raise ValueError("task i2t needs best_of_n.captioner")
         if "t2i" in self.tasks and self.t2i_model is None:
             raise ValueError("task t2i needs best_of_n.t2i_model")
-        if "clipscore" in {*self.verifiers, self.evaluator} and self.clip is None:
+        if "clipscore" in {*self.verifiers, self.evaluator, self.second_evaluator} and self.clip is None:
             raise ValueError("the clipscore verifier needs best_of_n.clip")
+        _check_evaluators(self, "best_of_n")
         return self
 
 
@@ -510,10 +523,24 @@ class DiffusionDpo(Section):
 
 class EvaluateDownstream(Section):
     """Before / after comparison of the DPO-trained captioner (i2t) and text-to-image model (t2i) on held-out inputs,
-    scored by the evaluator (the reward model until ground truth exists)."""
+    with bootstrap intervals over inputs of before, after and the paired difference. Evaluator `ground_truth`: the
+    attribute F1 of greedy captions / generated images against the sandbox's true scenes (`truth`); a model
+    evaluator (the reward model favours the DPO models) may be reported beside as `second_evaluator`."""
 
     tasks: list[DownstreamTask] = Field(default_factory=lambda: ["i2t", "t2i"], min_length=1)
-    evaluator: VerifierKind = "reward"
+    evaluator: EvaluatorKind = "reward"
+    truth: str | None = Field(
+        None, description="Sandbox input folder holding scenes.jsonl (e.g. data/world/inputs); evaluator ground_truth."
+    )
+    second_evaluator: ModelJudge | None = Field(None, description="A model evaluator reported beside (model-judged).")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="t2i: images per held-out prompt, one per seed (mixed into the per-item key); the per-prompt "
+        "mean over seeds is the input's score, so more seeds give a tighter interval.",
+    )
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence of the intervals.")
+    bootstrap_samples: int = Field(10000, gt=0, description="Resamples of the inputs per interval.")
     reward_model: str = Field("data/reward/combo/model", description="A RewardModel directory (train_reward).")
     clip: str | None = Field(None, description="open_clip model, for evaluator clipscore.")
     heldout_splits: list[Literal["train", "valid", "test"]] = Field(
@@ -527,9 +554,21 @@ class EvaluateDownstream(Section):
     @model_validator(mode="after")
     def _consistent(self) -> EvaluateDownstream:
         _require_unique(list(self.tasks), "evaluate_downstream.tasks")
-        if self.evaluator == "clipscore" and self.clip is None:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"evaluate_downstream.seeds must be distinct, got {self.seeds}")
+        if "clipscore" in {self.evaluator, self.second_evaluator} and self.clip is None:
             raise ValueError("evaluator clipscore needs evaluate_downstream.clip")
+        _check_evaluators(self, "evaluate_downstream")
         return self
+
+
+def _check_evaluators(section: BestOfN | EvaluateDownstream, name: str) -> None:
+    if section.evaluator == "ground_truth" and section.truth is None:
+        raise ValueError(f"evaluator ground_truth needs {name}.truth (the sandbox input folder with scenes.jsonl)")
+    if section.evaluator != "ground_truth" and section.truth is not None:
+        raise ValueError(f"{name}.truth is read only by evaluator ground_truth (evaluator is {section.evaluator!r})")
+    if section.second_evaluator == section.evaluator:
+        raise ValueError(f"{name}.second_evaluator repeats the evaluator {section.evaluator!r}")
 
 
 class Retrain(Section):
