@@ -122,7 +122,13 @@ def test_best_of_n_stage(zoo, tmp_path, mlflow_uri):
         assert reward == sorted(reward)  # the evaluator's own picks never get worse with N
         assert all(curves["reward"][str(n)] >= curves[v][str(n)] - 1e-9 for v in curves for n in (1, 2, 3))
         csv = (tmp_path / f"reports/downstream/best_of_n_{t}.csv").read_text().splitlines()
-        assert csv[0] == "n,reward,cycle,clipscore" and len(csv) == 4
+        names = ["reward", "cycle", "clipscore"]
+        assert csv[0].split(",") == ["n", *names, *(f"{v}_{s}" for v in names for s in ("low", "high"))]
+        assert len(csv) == 4
+        assert section["judged_by"] == "model" and "second_evaluator" not in section
+        for v in names:
+            for n in ("1", "2", "3"):
+                assert section["low"][v][n] <= curves[v][n] <= section["high"][v][n]
         table = pq.read_table(tmp_path / f"data/downstream/best_of_n/candidates_{t}.parquet")
         assert table.num_rows == 6 and sorted(set(table.column("input_id").to_pylist())) == heldout_ids(tmp_path)
         assert {"score_reward", "score_cycle", "score_clipscore"} <= set(table.column_names)

@@ -1,6 +1,11 @@
 """Best-of-N (PAPER.md §6): sample max(N) candidates per input once, with per-item seeds; the pick for N and a
 verifier is the best of the first N candidates (ties: the earliest), so N = 1 is plain sampling.
 
+Every candidate is scored by every verifier and evaluator ([input, j] arrays): model verifiers in one batched call
+each, `random` by a number seeded from the candidate key, `ground_truth` by attribute F1 against the input's true
+scene (cyclepref.downstream.evaluators). A curve point is the evaluator's mean score of the picks, with a percentile
+bootstrap interval over inputs (cyclepref.stats.mean_interval).
+
 Candidate j of input i has the key key_of(input_id, model hash, decoding settings, j) and the generator seed
 seed_of(key): a candidate never depends on the order of inputs, on batching or on max(N). Finished candidates live
 in a work store (data/work/best_of_n_<task>/) so an interrupted stage resumes where it stopped.
@@ -18,7 +23,11 @@ from PIL import Image
 
 from cyclepref import store
 from cyclepref.config import BestOfN, CaptionerSpec, T2ISpec
+from cyclepref.downstream.evaluators import BOOTSTRAP_SEED, GROUND_TRUTH, Evaluator, GroundTruth, judged_by
+from cyclepref.stats import mean_interval, paired_bootstrap
 from cyclepref.workstore import WorkStore, each, key_of, run_batches, seed_of
+
+RANDOM = "random"
 
 
 @dataclass
@@ -39,21 +48,36 @@ class Candidates:
     def flat(self) -> tuple[list[Image.Image], list[str]]:
         return [im for row in self.images for im in row], [t for row in self.texts for t in row]
 
+    def flat_input_ids(self) -> list[str]:
+        return [i for i, row in zip(self.input_ids, self.keys, strict=True) for _ in row]
+
 
 @dataclass
 class BestOfNResult:
-    """Scores [input, j] per verifier (and the evaluator), picks [input] per verifier and N, quality curves."""
+    """Scores [input, j] per verifier and evaluator, picks [input] per verifier and N; per verifier and N the
+    evaluator's mean score of the picks and its interval, the gain from the first to the last N (paired interval)
+    and the second evaluator's mean score of the same picks."""
 
     candidates: Candidates
     ns: list[int]
     evaluator: str
     scores: dict[str, np.ndarray]
+    second_evaluator: str | None = None
+    confidence: float = 0.95
     picks: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
     curves: dict[str, list[float]] = field(default_factory=dict)
+    intervals: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    gains: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    second_curves: dict[str, list[float]] = field(default_factory=dict)
 
     def picked(self, verifier: str, n: int) -> list[tuple[Image.Image, str]]:
         c = self.candidates
         return [(c.images[i][j], c.texts[i][j]) for i, j in enumerate(self.picks[verifier][n])]
+
+    def picked_scores(self, verifier: str, n: int, judge: str | None = None) -> np.ndarray:
+        """Per input, the judge's (default: the evaluator's) score of the verifier's pick among the first n."""
+        scores = self.scores[judge or self.evaluator]
+        return scores[np.arange(scores.shape[0]), self.picks[verifier][n]]
 
 
 def decoding(temperature: float, top_p: float = 1.0) -> dict | None:
@@ -141,6 +165,34 @@ def score_candidates(candidates: Candidates, verifiers: Mapping[str, object]) ->
     return {name: v.score(images, texts).double().numpy().reshape(shape) for name, v in verifiers.items()}
 
 
+def random_scores(candidates: Candidates) -> np.ndarray:
+    """The random verifier: per candidate a uniform number seeded from its key (reproducible, order-free)."""
+    return np.array(
+        [[np.random.default_rng(seed_of(key_of(k, RANDOM))).random() for k in row] for row in candidates.keys],
+        dtype=np.float64,
+    ).reshape(candidates.shape)
+
+
+def judge_candidates(candidates: Candidates, evaluator: Evaluator) -> np.ndarray:
+    """An evaluator's score of every candidate against its input, as an [input, j] array."""
+    images, texts = candidates.flat()
+    return evaluator.score(candidates.flat_input_ids(), images, texts).reshape(candidates.shape)
+
+
+def score_all(candidates: Candidates, kinds: Sequence[str], verifiers, truth: Mapping | None) -> dict[str, np.ndarray]:
+    """Scores [input, j] of every kind (verifiers and evaluators). `verifiers`: a Verifiers (models loaded once);
+    `truth`: input_id -> true objects, for ground_truth."""
+    models = [k for k in kinds if k not in (RANDOM, GROUND_TRUTH)]
+    scores = score_candidates(candidates, verifiers.for_task(models, candidates.task))
+    if RANDOM in kinds:
+        scores[RANDOM] = random_scores(candidates)
+    if GROUND_TRUTH in kinds:
+        if truth is None:
+            raise ValueError("evaluator ground_truth needs the true scenes (params: best_of_n.truth)")
+        scores[GROUND_TRUTH] = judge_candidates(candidates, GroundTruth(truth, candidates.task))
+    return {k: scores[k] for k in kinds}
+
+
 def pick(scores: np.ndarray, n: int) -> np.ndarray:
     """Per input, the index of the best of the first n candidates (the earliest among equals)."""
     if not 1 <= n <= scores.shape[1]:
@@ -149,15 +201,27 @@ def pick(scores: np.ndarray, n: int) -> np.ndarray:
 
 
 def best_of_n(
-    candidates: Candidates, scores: dict[str, np.ndarray], verifiers: Sequence[str], evaluator: str, ns: Sequence[int]
+    candidates: Candidates,
+    scores: dict[str, np.ndarray],
+    verifiers: Sequence[str],
+    evaluator: str,
+    ns: Sequence[int],
+    second_evaluator: str | None = None,
+    confidence: float = 0.95,
+    n_boot: int = 10000,
 ) -> BestOfNResult:
-    """Picks of every verifier for every N and the evaluator's mean score of those picks."""
-    result = BestOfNResult(candidates, list(ns), evaluator, scores)
-    quality = scores[evaluator]
-    rows = np.arange(candidates.shape[0])
+    """Picks of every verifier for every N, the evaluator's mean score of those picks with its bootstrap interval
+    over inputs, and the second evaluator's mean score of the same picks."""
+    result = BestOfNResult(candidates, list(ns), evaluator, scores, second_evaluator, confidence)
     for name in verifiers:
         result.picks[name] = {n: pick(scores[name], n) for n in ns}
-        result.curves[name] = [float(quality[rows, result.picks[name][n]].mean()) for n in ns]
+        picked = [result.picked_scores(name, n) for n in ns]
+        stats = [mean_interval(q, n_boot, BOOTSTRAP_SEED, confidence) for q in picked]
+        result.curves[name] = [m for m, _, _ in stats]
+        result.intervals[name] = [(low, high) for _, low, high in stats]
+        result.gains[name] = paired_bootstrap(picked[-1], picked[0], n_boot, BOOTSTRAP_SEED, confidence)
+        if second_evaluator is not None:
+            result.second_curves[name] = [float(result.picked_scores(name, n, second_evaluator).mean()) for n in ns]
     return result
 
 
@@ -165,9 +229,11 @@ def best_of_n(
 
 
 def run_task(
-    task: str, cfg: BestOfN, root: Path, device: str, verifiers, work: WorkStore | None = None
+    task: str, cfg: BestOfN, root: Path, device: str, verifiers, work: WorkStore | None = None,
+    truth: Mapping | None = None,
 ) -> tuple[BestOfNResult, str]:
-    """Sample the held-out inputs of one task and evaluate best-of-N; returns the result and the held-out source."""
+    """Sample the held-out inputs of one task and evaluate best-of-N; returns the result and the held-out source.
+    `truth` (input_id -> true objects) is needed by evaluator ground_truth."""
     from cyclepref.cycle import Context, captioner_hash, t2i_hash
     from cyclepref.downstream.data import heldout_inputs
     from cyclepref.models import local_spec
@@ -191,9 +257,11 @@ def run_task(
         model = TextToImage(local_spec(root, spec_t), device)
         cands = sample_images(model, held.prompts, held.input_ids, gen_hash, n_max, cfg.batch_size, work)
     del model
-    kinds = list(dict.fromkeys([*cfg.verifiers, cfg.evaluator]))
-    scores = score_candidates(cands, verifiers.for_task(kinds, task))
-    return best_of_n(cands, scores, list(cfg.verifiers), cfg.evaluator, cfg.n), held.source
+    judges = [cfg.evaluator] + ([cfg.second_evaluator] if cfg.second_evaluator else [])
+    scores = score_all(cands, list(dict.fromkeys([*cfg.verifiers, *judges])), verifiers, truth)
+    result = best_of_n(cands, scores, list(cfg.verifiers), cfg.evaluator, cfg.n, cfg.second_evaluator,
+                       cfg.confidence, cfg.bootstrap_samples)
+    return result, held.source
 
 
 def candidates_table(result: BestOfNResult) -> pa.Table:
@@ -218,17 +286,26 @@ def candidates_table(result: BestOfNResult) -> pa.Table:
 
 
 def curve_csv(result: BestOfNResult, path: Path) -> Path:
-    """The DVC plot data: one row per N, one column per verifier (evaluator's mean score of the picks)."""
+    """The DVC plot data: one row per N; per verifier the evaluator's mean score of the picks, then per verifier the
+    interval bounds <verifier>_low, <verifier>_high."""
     names = list(result.curves)
-    lines = [",".join(["n", *names])]
+    header = ["n", *names, *(f"{v}_{side}" for v in names for side in ("low", "high"))]
+    lines = [",".join(header)]
     for k, n in enumerate(result.ns):
-        lines.append(",".join([str(n), *(f"{result.curves[v][k]:.6f}" for v in names)]))
+        means = [result.curves[v][k] for v in names]
+        bounds = [b for v in names for b in result.intervals[v][k]]
+        lines.append(",".join([str(n), *(f"{x:.6f}" for x in [*means, *bounds])]))
     with store.atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return path
 
 
+def y_label(evaluator: str) -> str:
+    return "ground-truth F1 of the pick" if evaluator == GROUND_TRUTH else f"{evaluator} score of the pick (model)"
+
+
 def plot_curves(result: BestOfNResult, path: Path, title: str) -> Path:
+    """Mean score of the picks against N per verifier, with its interval as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,13 +313,15 @@ def plot_curves(result: BestOfNResult, path: Path, title: str) -> Path:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, values in result.curves.items():
-        ax.plot(result.ns, values, marker="o", label=name)
+        (line,) = ax.plot(result.ns, values, marker="o", label=name)
+        low, high = zip(*result.intervals[name], strict=True)
+        ax.fill_between(result.ns, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xscale("log", base=2)
     ax.set_xticks(result.ns, [str(n) for n in result.ns])
     ax.set_xlabel("N (candidates per input)")
-    ax.set_ylabel(f"{result.evaluator} score of the pick")
+    ax.set_ylabel(y_label(result.evaluator))
     ax.set_title(title)
-    ax.legend(title="verifier")
+    ax.legend(title=f"verifier ({result.confidence:.0%} interval)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with store.atomic_path(path) as tmp:
@@ -251,13 +330,32 @@ def plot_curves(result: BestOfNResult, path: Path, title: str) -> Path:
     return Path(path)
 
 
+def _by_n(result: BestOfNResult, values: list[float]) -> dict[str, float]:
+    return dict(zip(map(str, result.ns), values, strict=True))
+
+
 def summarize(result: BestOfNResult, source: str) -> dict:
-    """The task's section of the metrics report."""
-    return {
+    """The task's section of the metrics report: per verifier and N the evaluator's mean score of the picks
+    (`quality`) and its interval (`low`, `high`); the gain from the first to the last N with its paired interval;
+    the second evaluator's means of the same picks, labelled model-judged."""
+    section = {
         "inputs": result.candidates.shape[0],
         "heldout": source,
         "evaluator": result.evaluator,
+        "judged_by": judged_by(result.evaluator),
         "n": result.ns,
-        "quality": {v: dict(zip(map(str, result.ns), vals, strict=True)) for v, vals in result.curves.items()},
-        "gain": {v: vals[-1] - vals[0] for v, vals in result.curves.items()},
+        "quality": {v: _by_n(result, vals) for v, vals in result.curves.items()},
+        "low": {v: _by_n(result, [lo for lo, _ in iv]) for v, iv in result.intervals.items()},
+        "high": {v: _by_n(result, [hi for _, hi in iv]) for v, iv in result.intervals.items()},
+        "gain": {v: g[0] for v, g in result.gains.items()},
+        "gain_low": {v: g[1] for v, g in result.gains.items()},
+        "gain_high": {v: g[2] for v, g in result.gains.items()},
     }
+    if result.second_evaluator is not None:
+        section["second_evaluator"] = {
+            "name": result.second_evaluator,
+            "judged_by": judged_by(result.second_evaluator),
+            "quality": {v: _by_n(result, vals) for v, vals in result.second_curves.items()},
+            "gain": {v: vals[-1] - vals[0] for v, vals in result.second_curves.items()},
+        }
+    return section
