@@ -1,8 +1,9 @@
 """Stage evaluate_downstream: the DPO-trained captioner (i2t) and text-to-image model (t2i) against their base
-models on held-out inputs, scored by the profile's evaluator.
+models on held-out inputs, judged by the profile's evaluator (ground truth where the inputs have true scenes), with a
+model evaluator optionally beside it.
 
-Output: reports/downstream/evaluate.json (DVC metric: per task n, mean before / after, delta, win rate, changed
-outputs). Logic: cyclepref.downstream.evaluate.
+Output: reports/downstream/evaluate.json (DVC metric: per task n, mean before / after, delta, their intervals over
+inputs, win rate, changed outputs). Logic: cyclepref.downstream.evaluate.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from cyclepref import runtime, stage, store, tracking
 from cyclepref.config import Params, require
 
 NOTE = ("evaluator 'reward' is the reward model distilled from the same cycle-consistency preferences the DPO models "
-        "were trained on, so it favours them; it stands in until a ground-truth evaluator exists")
+        "were trained on, so it favours them; its numbers are model-judged, not ground truth")
 
 
 def run(params: Params, root: Path) -> dict:
@@ -23,13 +24,16 @@ def run(params: Params, root: Path) -> dict:
     from cyclepref.downstream.data import heldout_inputs
     from cyclepref.models import local_spec
     from cyclepref.downstream.evaluate import evaluate_task
+    from cyclepref.downstream.evaluators import GROUND_TRUTH, ground_truth, interval_method, make_evaluator
     from cyclepref.downstream.verifiers import Verifiers, VerifierSettings
 
     cfg = require(params.evaluate_downstream, "evaluate_downstream")
     device = runtime.device()
     verifiers = Verifiers(VerifierSettings.from_params(params, cfg, root, device))
-    report: dict = {"evaluator": cfg.evaluator, "tasks": {}}
-    if cfg.evaluator == "reward":
+    truth = ground_truth(root, cfg.truth) if cfg.evaluator == GROUND_TRUTH else None
+    report: dict = {"evaluator": cfg.evaluator, "second_evaluator": cfg.second_evaluator,
+                    "interval": interval_method(cfg), "tasks": {}}
+    if "reward" in (cfg.evaluator, cfg.second_evaluator):
         report["note"] = NOTE
     summary: dict = {}
     for task in cfg.tasks:
@@ -38,8 +42,10 @@ def run(params: Params, root: Path) -> dict:
         else:
             spec, adapter = require(params.diffusion_dpo, "diffusion_dpo").model, adapter_dir("diffusion_dpo")
         held = heldout_inputs(root, task, list(cfg.heldout_splits), cfg.max_inputs)
-        section, examples = evaluate_task(task, local_spec(root, spec), root / adapter, held,
-                                          verifiers.get(cfg.evaluator, task), root, device, cfg.batch_size)
+        evaluator = make_evaluator(cfg.evaluator, task, verifiers, truth)
+        second = make_evaluator(cfg.second_evaluator, task, verifiers, truth) if cfg.second_evaluator else None
+        section, examples = evaluate_task(task, local_spec(root, spec), root / adapter, held, evaluator, second, root,
+                                          device, cfg)
         report["tasks"][task] = section
         summary |= {f"{task}_{k}": round(v, 6) if isinstance(v, float) else v
                     for k, v in section.items() if isinstance(v, int | float)}

@@ -1,21 +1,47 @@
-"""Before / after comparison of the DPO-trained models on held-out inputs, scored by the profile's evaluator.
+"""Before / after comparison of the DPO-trained models on held-out inputs, judged by the profile's evaluator.
 
 I2T: the base captioner and the captioner with the dpo_vlm adapter caption every held-out image (greedy).
-T2I: the base text-to-image model and the one with the diffusion_dpo adapter render every held-out prompt with the
-same per-item seed. The evaluator (a verifier, cyclepref.downstream.verifiers) scores each (image, text) pair.
+T2I: the base text-to-image model and the one with the diffusion_dpo adapter render every held-out prompt once per
+seed of params `seeds`, with the same per-item seeds before and after (derived from the input, the model and the
+seed). An evaluator (cyclepref.downstream.evaluators: ground truth or a model verifier) scores every outcome; an
+input's score is its mean over seeds. Intervals are percentile bootstraps over inputs of the before and after means
+and of the paired difference after - before.
 The base model is loaded once; the adapter is applied to it after the "before" outputs exist.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from cyclepref.config import CaptionerSpec, T2ISpec
+from cyclepref.config import CaptionerSpec, EvaluateDownstream, T2ISpec
+from cyclepref.downstream.evaluators import BOOTSTRAP_SEED, Evaluator, judged_by
+from cyclepref.stats import mean_interval, paired_bootstrap
 from cyclepref.workstore import key_of, seed_of
+
+
+@dataclass
+class Outcomes:
+    """Before / after outcomes as aligned (input, image, text) lists, input-major, `per_input` per input:
+    I2T (input image, caption), T2I (generated image, prompt)."""
+
+    task: str
+    input_ids: list[str]
+    per_input: int
+    images_before: list[Image.Image]
+    texts_before: list[str]
+    images_after: list[Image.Image]
+    texts_after: list[str]
+
+    def changed(self) -> int:
+        if self.task == "i2t":
+            return sum(x != y for x, y in zip(self.texts_before, self.texts_after, strict=True))
+        return sum(np.asarray(x).tobytes() != np.asarray(y).tobytes()
+                   for x, y in zip(self.images_before, self.images_after, strict=True))
 
 
 def compare(before: Sequence[float], after: Sequence[float]) -> dict:
@@ -26,6 +52,24 @@ def compare(before: Sequence[float], after: Sequence[float]) -> dict:
     wins = float(((a > b).sum() + 0.5 * (a == b).sum()) / a.size)
     return {"n": int(a.size), "before": float(b.mean()), "after": float(a.mean()), "delta": float(a.mean() - b.mean()),
             "win_rate": wins}
+
+
+def with_intervals(before: Sequence[float], after: Sequence[float], confidence: float = 0.95,
+                   n_boot: int = 10000) -> dict:
+    """compare() plus bootstrap intervals over inputs: before_low/high, after_low/high and delta_low/high (paired)."""
+    report = compare(before, after)
+    for name, x in (("before", before), ("after", after)):
+        _, report[f"{name}_low"], report[f"{name}_high"] = mean_interval(x, n_boot, BOOTSTRAP_SEED, confidence)
+    _, report["delta_low"], report["delta_high"] = paired_bootstrap(after, before, n_boot, BOOTSTRAP_SEED, confidence)
+    return report
+
+
+def judge(outcomes: Outcomes, evaluator: Evaluator, confidence: float = 0.95, n_boot: int = 10000) -> dict:
+    """The evaluator's per-input scores (mean over an input's outcomes) before and after, compared with intervals."""
+    o = outcomes
+    before = evaluator.score(o.input_ids, o.images_before, o.texts_before).reshape(-1, o.per_input).mean(axis=1)
+    after = evaluator.score(o.input_ids, o.images_after, o.texts_after).reshape(-1, o.per_input).mean(axis=1)
+    return {"judged_by": judged_by(evaluator.name), **with_intervals(before, after, confidence, n_boot)}
 
 
 def captions_before_after(spec: CaptionerSpec, adapter: Path, images: Sequence[Image.Image], device: str,
@@ -40,8 +84,9 @@ def captions_before_after(spec: CaptionerSpec, adapter: Path, images: Sequence[I
     return before, after
 
 
-def image_seeds(input_ids: Sequence[str], gen_hash: str) -> list[int]:
-    return [seed_of(key_of(i, gen_hash, "evaluate_downstream")) for i in input_ids]
+def image_seeds(input_ids: Sequence[str], gen_hash: str, seeds: Sequence[int] = (0,)) -> list[int]:
+    """Generator seeds of the T2I outcomes, input-major: one per (input, seed)."""
+    return [seed_of(key_of(i, gen_hash, "evaluate_downstream", s)) for i in input_ids for s in seeds]
 
 
 def images_before_after(spec: T2ISpec, adapter: Path, prompts: Sequence[str], seeds: Sequence[int], device: str,
@@ -56,24 +101,44 @@ def images_before_after(spec: T2ISpec, adapter: Path, prompts: Sequence[str], se
     return before, after
 
 
-def evaluate_task(task: str, spec, adapter: Path, held, evaluator, root: Path, device: str,
-                  batch_size: int) -> tuple[dict, list[tuple[Image.Image, str]]]:
-    """The task's report section and a few (image, "before | after") examples."""
+def caption_outcomes(spec: CaptionerSpec, adapter: Path, held, device: str, batch_size: int) -> Outcomes:
+    before, after = captions_before_after(spec, adapter, held.images, device, batch_size)
+    return Outcomes("i2t", list(held.input_ids), 1, list(held.images), before, list(held.images), after)
+
+
+def image_outcomes(spec: T2ISpec, adapter: Path, held, seeds: Sequence[int], root: Path, device: str,
+                   batch_size: int) -> Outcomes:
     from cyclepref.cycle import Context, t2i_hash
 
+    k = len(seeds)
+    gen_seeds = image_seeds(held.input_ids, t2i_hash(Context(Path(root), device), spec), seeds)
+    prompts = [p for p in held.prompts for _ in range(k)]
+    before, after = images_before_after(spec, adapter, prompts, gen_seeds, device, batch_size)
+    return Outcomes("t2i", [i for i in held.input_ids for _ in range(k)], k, before, prompts, after, prompts)
+
+
+def examples(o: Outcomes) -> list[tuple[Image.Image, str]]:
+    """A few (image, "before | after") examples; T2I shows the first seed of each prompt."""
+    if o.task == "i2t":
+        return [(im, f"before: {x} | after: {y}")
+                for im, x, y in zip(o.images_before, o.texts_before, o.texts_after, strict=True)][:8]
+    step = o.per_input
+    return [e for x, y, p in zip(o.images_before[::step], o.images_after[::step], o.texts_before[::step], strict=True)
+            for e in ((x, f"before: {p}"), (y, f"after: {p}"))][:8]
+
+
+def evaluate_task(task: str, spec, adapter: Path, held, evaluator: Evaluator, second: Evaluator | None, root: Path,
+                  device: str, cfg: EvaluateDownstream) -> tuple[dict, list[tuple[Image.Image, str]]]:
+    """The task's report section (the evaluator's numbers, the second evaluator's beside) and a few examples."""
     if task == "i2t":
-        before, after = captions_before_after(spec, adapter, held.images, device, batch_size)
-        s_before = evaluator.score(held.images, before).numpy()
-        s_after = evaluator.score(held.images, after).numpy()
-        changed = sum(x != y for x, y in zip(before, after, strict=True))
-        examples = [(im, f"before: {x} | after: {y}") for im, x, y in zip(held.images, before, after, strict=True)]
+        outcomes = caption_outcomes(spec, adapter, held, device, cfg.batch_size)
     else:
-        seeds = image_seeds(held.input_ids, t2i_hash(Context(Path(root), device), spec))
-        before, after = images_before_after(spec, adapter, held.prompts, seeds, device, batch_size)
-        s_before = evaluator.score(before, held.prompts).numpy()
-        s_after = evaluator.score(after, held.prompts).numpy()
-        changed = sum(np.asarray(x).tobytes() != np.asarray(y).tobytes() for x, y in zip(before, after, strict=True))
-        examples = [e for x, y, p in zip(before, after, held.prompts, strict=True)
-                    for e in ((x, f"before: {p}"), (y, f"after: {p}"))]
-    report = {**compare(s_before, s_after), "changed": int(changed), "heldout": held.source}
-    return report, examples[:8]
+        outcomes = image_outcomes(spec, adapter, held, cfg.seeds, root, device, cfg.batch_size)
+    report = judge(outcomes, evaluator, cfg.confidence, cfg.bootstrap_samples)
+    report |= {"changed": outcomes.changed(), "heldout": held.source}
+    if task == "t2i":
+        report["seeds"] = list(cfg.seeds)
+    if second is not None:
+        report["second_evaluator"] = {"name": second.name,
+                                      **judge(outcomes, second, cfg.confidence, cfg.bootstrap_samples)}
+    return report, examples(outcomes)
