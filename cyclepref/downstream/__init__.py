@@ -1,18 +1,20 @@
 """Downstream uses of the preference data and the reward model (PAPER.md §6).
 
 best_of_n            sample N candidates per held-out input, keep the best by a verifier (reward model, raw cycle
-                     score, CLIPScore); quality of the pick against N, scored by the profile's evaluator
+                     score, CLIPScore, random); quality of the pick against N, judged by the profile's evaluator
 dpo_vlm              DPO of a LLaVA-family captioner on the I2T pairs (trl DPOTrainer + peft LoRA)
 diffusion_dpo        Diffusion-DPO of a UNet text-to-image model on the T2I pairs (LoRA; reference = adapter off)
 evaluate_downstream  the two DPO-trained models against their base models on held-out inputs
+evaluators           ground truth (the sandbox's true scenes) or a model verifier, behind one scoring call
 
 Layout of what the stages write:
   data/downstream/best_of_n/        candidates_<task>.parquet (every sample with every verifier's score), plots
   data/downstream/dpo_vlm/adapter/  peft LoRA adapter of the captioner (+ downstream.json: base model, settings)
   data/downstream/diffusion_dpo/adapter/  diffusers LoRA weights of the UNet (+ downstream.json)
   reports/downstream/<stage>.json   DVC metrics; reports/downstream/best_of_n_<task>.csv: DVC plot data
-Evaluator: on the default profile the reward model scores the outcomes (no ground truth exists there), which
-favours the reward-model verifier and the DPO models trained on the pairs it was distilled from.
+Evaluator: `ground_truth` where the inputs are sandbox scenes with known content (attribute F1 of a caption or of
+the objects parsed from an image); elsewhere a model (the reward model), which favours the reward-model verifier and
+the DPO models trained on the pairs it was distilled from. Every mean is reported with a bootstrap interval over inputs.
 """
 
 from __future__ import annotations
@@ -36,5 +38,5 @@ def report_path(name: str) -> str:
 
 
 def plot_path(task: str) -> str:
-    """Best-of-N curve of one task (CSV: n, one column per verifier)."""
+    """Best-of-N curve of one task (CSV: n, one column per verifier, then <verifier>_low, <verifier>_high)."""
     return f"{REPORT_DIR}/best_of_n_{task}.csv"
