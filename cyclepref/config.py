@@ -81,6 +81,81 @@ class BootstrapModels(Section):
     image_size: int = Field(32, gt=0, multiple_of=8, description="Native resolution of the tiny vision towers.")
 
 
+class WorldCaptionerTraining(Section):
+    """The sandbox captioner ladder: one LLaVA training run saved at each of `steps` (cyclepref.world)."""
+
+    scenes: int = Field(10000, gt=0, description="Distinct training scenes (never pipeline or benchmark scenes).")
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0.0)
+    steps: list[int] = Field(min_length=1, description="Increasing steps at which a captioner is saved.")
+
+
+class WorldClipTraining(Section):
+    """The sandbox open_clip CLIP (I2T image similarity and CLIPScore)."""
+
+    scenes: int = Field(10000, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-3, gt=0.0)
+    steps: int = Field(gt=0)
+
+
+class WorldT2ITraining(Section):
+    """The sandbox text-to-image ladder: VAE, then UNet + text encoder saved at each of `steps`."""
+
+    scenes: int = Field(10000, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-3, gt=0.0)
+    vae_steps: int = Field(gt=0)
+    vae_lr: float = Field(1e-3, gt=0.0)
+    steps: list[int] = Field(min_length=1, description="Increasing steps at which a pipeline is saved.")
+
+
+class WorldBlipTraining(Section):
+    """The sandbox BLIP ITM backbone of the reward model (image-text matching pretraining)."""
+
+    scenes: int = Field(10000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(5e-4, gt=0.0)
+    steps: int = Field(gt=0)
+
+
+class WorldTraining(Section):
+    """Training of the sandbox's world models (stage train_world@<model>), all from `seed`."""
+
+    seed: int = 0
+    captioner: WorldCaptionerTraining
+    clip: WorldClipTraining
+    t2i: WorldT2ITraining
+    blip: WorldBlipTraining
+
+
+class WorldScenes(Section):
+    """How many scenes of one part of the world are drawn, and from which seed."""
+
+    n: int = Field(gt=0)
+    seed: int = 0
+
+
+class WorldBenchmark(WorldScenes):
+    """The frozen ground-truth benchmark (make_benchmark): held-out scenes, candidates from every world model
+    (captioners greedy; text-to-image models once per seed), raw cycle scores from the last of each ladder."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    max_new_tokens: int = Field(48, gt=0, description="Captioning budget of the world captioners.")
+    steps: int = Field(10, gt=0, description="Denoising steps of the world text-to-image models.")
+    guidance: float = Field(3.0, ge=0.0)
+    sbert: str = Field("data/zoo/all-MiniLM-L6-v2", description="T2I cycle similarity (sentence-transformers).")
+
+
+class World(Section):
+    """The sandbox world (cyclepref.world): its pipeline inputs, its frozen benchmark and its trained models."""
+
+    inputs: WorldScenes = Field(description="Scenes rendered into the pipeline's input folder (make_world).")
+    inputs_dir: str = Field("data/world/inputs", description="Where make_world writes images, texts and scenes.")
+    benchmark: WorldBenchmark
+    train: WorldTraining
+
+
 class PrepareInputs(Section):
     """Reads the raw inputs, normalises them and quarantines bad ones."""
 
@@ -620,6 +695,7 @@ class Params(Section):
     """The whole params file. Sections are added stage by stage; unknown top-level keys are rejected."""
 
     profile: str = Field(description="Name of this profile, recorded with every run.")
+    world: World | None = None
     bootstrap_models: BootstrapModels
     prepare_inputs: PrepareInputs
     generate_i2t: GenerateI2T | None = None

@@ -9,10 +9,16 @@ from cyclepref.config import ParamsError, load_params, parse_params
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "configs/default.yaml", "configs/paper.yaml"])
+@pytest.mark.parametrize("path", ["params.yaml", "configs/default.yaml", "configs/tiny.yaml", "configs/paper.yaml"])
 def test_profiles_validate(path):
     params = load_params(ROOT / path)
-    assert params.profile in ("default", "paper")
+    assert params.profile == ("default" if path == "params.yaml" else Path(path).stem)
+
+
+def test_tiny_profile_keeps_the_default_world_models():
+    default, tiny = load_params(ROOT / "configs/default.yaml"), load_params(ROOT / "configs/tiny.yaml")
+    assert tiny.world.train == default.world.train
+    assert default.prepare_inputs.path == default.world.inputs_dir == tiny.prepare_inputs.path
 
 
 def test_params_yaml_is_the_default_profile():

@@ -10,9 +10,9 @@ from PIL import Image
 
 from cyclepref.config import CaptionerSpec
 from cyclepref.models import ModelLoadError, load_failed, locate
+from cyclepref.models.formats import DETAILED
 from cyclepref.runtime import torch_dtype
 
-DETAILED = "Write a detailed description of the given image."
 DEFAULT_PROMPTS = {
     "llava": DETAILED,
     "llava_next": DETAILED,

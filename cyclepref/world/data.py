@@ -44,3 +44,14 @@ def training_examples(n: int, seed: int) -> Iterator[tuple]:
     rng = random.Random(f"paraphrase:{seed}")
     for s in scenes("train", n, seed):
         yield render(s), caption(s), paraphrase(s, rng)
+
+
+def zero_unused_rows(embedding, used_ids) -> None:
+    """Zero the embedding rows of tokens that never occur in the training texts: they hold only their random
+    initialisation, and zeros keep the committed weights small (git compresses them away)."""
+    import torch
+
+    keep = torch.zeros(embedding.weight.shape[0], dtype=torch.bool)
+    keep[torch.as_tensor(sorted(set(int(i) for i in used_ids)))] = True
+    with torch.no_grad():
+        embedding.weight[~keep] = 0

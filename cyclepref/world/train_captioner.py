@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 
 from cyclepref.models import tokenizers as tk
-from cyclepref.models.captioner import DETAILED
-from cyclepref.models.zoo import CLIP_MEAN, CLIP_STD, LLAVA_CHAT_TEMPLATE
+from cyclepref.models.formats import CLIP_MEAN, CLIP_STD, DETAILED, LLAVA_CHAT_TEMPLATE
 from cyclepref.world.data import training_examples
 from cyclepref.world.scene import IMAGE_SIZE, POSITION_SYNONYMS, SIZE_SYNONYMS, TEMPLATES
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cyclepref.models.zoo import CLIP_MEAN, CLIP_STD
-from cyclepref.world.data import training_examples
+from cyclepref.models.formats import CLIP_MEAN, CLIP_STD
+from cyclepref.world.data import training_examples, zero_unused_rows
 from cyclepref.world.scene import IMAGE_SIZE
 
 CONFIG = {
@@ -41,8 +42,6 @@ def train(out: Path, steps: int, seed: int, n_scenes: int, batch_size: int, lr: 
     model = open_clip.model.CLIP(**json.loads(json.dumps(CONFIG)))
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    import numpy as np
-
     pixels = torch.from_numpy(np.stack([np.asarray(e[0]) for e in examples])).permute(0, 3, 1, 2).float() / 255
     pixels = (pixels - mean) / std
     texts = [tokenizer([e[1] for e in examples]), tokenizer([e[2] for e in examples])]
@@ -70,5 +69,6 @@ def train(out: Path, steps: int, seed: int, n_scenes: int, batch_size: int, lr: 
         if step % 50 == 0:
             log(f"clip step {step}: loss {sum(losses[-50:]) / 50:.4f}")
     model.eval()
+    zero_unused_rows(model.token_embedding, torch.cat(texts).flatten().tolist())
     save(model, out)
     return losses

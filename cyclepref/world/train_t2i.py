@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cyclepref.models import tokenizers as tk
-from cyclepref.world.data import training_examples
+from cyclepref.world.data import training_examples, zero_unused_rows
 from cyclepref.world.scene import IMAGE_SIZE
 
 PROMPT_DROPOUT = 0.1
@@ -28,7 +28,8 @@ def build(seed: int):
     torch.manual_seed(seed)
     vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        layers_per_block=1, norm_num_groups=32, sample_size=IMAGE_SIZE)
+                        layers_per_block=1, norm_num_groups=32, sample_size=IMAGE_SIZE,
+                        mid_block_add_attention=False)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=64, intermediate_size=128,
         num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77))
@@ -39,7 +40,7 @@ def build(seed: int):
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                               prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
-                              steps_offset=0, timestep_spacing="trailing")
+                              steps_offset=1, timestep_spacing="trailing")
     return vae, text_encoder, unet, scheduler
 
 
@@ -122,6 +123,9 @@ def train(out: Path, vae_steps: int, steps: list[int], seed: int, n_scenes: int,
         if step % 50 == 0:
             log(f"t2i step {step}: loss {sum(losses[-50:]) / 50:.4f}")
         if step in steps:
+            zero_unused_rows(text_encoder.get_input_embeddings(), [*ids[0].flatten().tolist(),
+                                                                                  *ids[1].flatten().tolist(),
+                                                                                  *empty.flatten().tolist()])
             unet.eval()
             text_encoder.eval()
             save_pipeline(out / f"step-{step}", vae, text_encoder, unet, scheduler, tokenizer)
