@@ -1,0 +1,348 @@
+"""The sandbox report: every quality number of the pipeline judged against the world's ground truth.
+
+(a) agreement of cycle-derived preferences (data/pairs) with ground-truth preferences, overall and by margin bucket;
+(b) pairwise accuracy on the frozen benchmark of the reward models vs raw cycle score, CLIPScore and random
+    (from evaluate_reward's report); (c) Best-of-N ground-truth F1 against N; (d) DPO and (e) Diffusion-DPO
+    before / after (from the downstream reports); plus the ladders' ground-truth quality and the image parser's
+    accuracy. Intervals are 95%: Wilson for proportions, bootstrap (over inputs) for means.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from cyclepref import stats
+from cyclepref.reward.evaluate import wilson
+from cyclepref.world.parse import Parsed, as_parsed, parse_image
+from cyclepref.world.truth import caption_quality, image_quality
+
+BUCKETS = 4
+
+
+def proportion(k: int, n: int) -> dict:
+    if n == 0:
+        return {"value": None, "ci95_low": None, "ci95_high": None, "n": 0}
+    low, high = wilson(k / n, n)
+    return {"value": k / n, "ci95_low": low, "ci95_high": high, "n": n}
+
+
+def mean_interval(x) -> dict:
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        return {"value": None, "ci95_low": None, "ci95_high": None, "n": 0}
+    mean, low, high = stats.mean_interval(x, n_boot=2000)
+    return {"value": mean, "ci95_low": low, "ci95_high": high, "n": int(x.size)}
+
+
+def candidate_f1(task: str, candidates, truth: dict[str, Parsed]) -> dict[str, float]:
+    """candidate_id -> ground-truth F1 (I2T: the caption against the image's scene; T2I: the image against the
+    prompt's scene) for candidates of inputs with ground truth."""
+    ids, inputs = candidates["candidate_id"], candidates["input_id"]
+    content = candidates["text"] if task == "i2t" else candidates["image"]
+    judge = caption_quality if task == "i2t" else (lambda png, t: image_quality(Image.open(io.BytesIO(png)), t))
+    return {c: judge(x, truth[i]) for c, i, x in zip(ids, inputs, content, strict=True) if i in truth}
+
+
+def agreement(pairs: dict, f1: dict[str, float]) -> dict:
+    """Share of cycle preferences that ground truth also prefers; pairs whose two candidates have equal ground
+    truth F1 are counted as ties and left out of the share."""
+    rows = [(f1[p], f1[r], m) for p, r, m in zip(pairs["preferred_id"], pairs["rejected_id"], pairs["margin"],
+                                                 strict=True) if p in f1 and r in f1]
+    pref, rej, margin = (np.array(c, dtype=np.float64) for c in zip(*rows)) if rows else (np.zeros(0),) * 3
+    decided = np.abs(pref - rej) > 1e-9
+    agree = pref > rej
+    out = {"pairs": len(rows), "ground_truth_ties": int((~decided).sum()),
+           "overall": proportion(int(agree[decided].sum()), int(decided.sum())), "by_margin": []}
+    if decided.sum() >= BUCKETS:
+        edges = np.quantile(margin[decided], np.linspace(0, 1, BUCKETS + 1))
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            sel = decided & (margin >= lo) & (margin <= hi)
+            out["by_margin"].append({"margin_low": float(lo), "margin_high": float(hi),
+                                     **proportion(int(agree[sel].sum()), int(sel.sum()))})
+    return out
+
+
+def ladder(candidates, f1: dict[str, float]) -> dict[str, dict]:
+    """Mean ground-truth F1 of each model's candidates."""
+    by_model: dict[str, list[float]] = {}
+    for c, m in zip(candidates["candidate_id"], candidates["model"], strict=True):
+        if c in f1:
+            by_model.setdefault(m, []).append(f1[c])
+    return {m: mean_interval(v) for m, v in sorted(by_model.items())}
+
+
+def parser_accuracy(scenes: list, transform=None) -> dict:
+    """Share of objects the image parser recovers exactly (all four attributes), and per attribute."""
+    exact, total, per = 0, 0, {"shape": 0, "colour": 0, "size": 0, "position": 0}
+    from cyclepref.world.scene import render
+
+    images = [render(s) for s in scenes]
+    if transform is not None:
+        images = transform(images)
+    for s, im in zip(scenes, images, strict=True):
+        found = {o["position"]: o for o in parse_image(im)}
+        for o in as_parsed(s):
+            total += 1
+            got = found.get(o["position"], {})
+            exact += got == o
+            for k in per:
+                per[k] += got.get(k) == o[k]
+    return {"objects": total, "exact": proportion(exact, total), **{k: v / total for k, v in per.items()}}
+
+
+def vae_round_trip(pipeline_dir: str):
+    """The images after the text-to-image model's own VAE (encode, decode): what its decoder can express."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae", dtype=torch.float32).eval()
+
+    def transform(images: list[Image.Image]) -> list[Image.Image]:
+        x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
+        with torch.inference_mode():
+            y = vae.decode(vae.encode(x.float() / 127.5 - 1).latent_dist.mean).sample
+        y = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(a) for a in y]
+
+    return transform
+
+
+def read_table(path: Path, columns: list[str]) -> dict:
+    return pq.read_table(path, columns=columns).to_pydict()
+
+
+def benchmark_accuracy(eval_report: dict, benchmark: str) -> dict:
+    """(b): per task, every scorer's accuracy on the benchmark section of evaluate_reward's report."""
+    section = eval_report.get(benchmark, {})
+    return {task: {k: v for k, v in scores.items() if isinstance(v, dict)} for task, scores in section.items()}
+
+
+def _bar(ax, labels: list[str], entries: list[dict], title: str) -> None:
+    vals = [e.get("value", e.get("accuracy")) or 0.0 for e in entries]
+    low = [v - (e.get("ci95_low") if e.get("ci95_low") is not None else v) for v, e in zip(vals, entries)]
+    high = [(e.get("ci95_high") if e.get("ci95_high") is not None else v) - v for v, e in zip(vals, entries)]
+    ax.bar(range(len(vals)), vals, yerr=[low, high], capsize=4, color="#4c72b0")
+    ax.set_xticks(range(len(vals)), labels, rotation=30, ha="right", fontsize=8)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+
+
+def plot_agreement(agree: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(agree), figsize=(4.5 * len(agree), 3.2), squeeze=False)
+    for ax, (task, a) in zip(axes[0], agree.items()):
+        entries = [a["overall"], *a["by_margin"]]
+        labels = ["all"] + [f"{b['margin_low']:.3g}-{b['margin_high']:.3g}" for b in a["by_margin"]]
+        _bar(ax, labels, entries, f"(a) {task}: cycle vs ground truth (by margin)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_benchmark(bench: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(bench)), figsize=(4.5 * max(1, len(bench)), 3.2), squeeze=False)
+    for ax, (task, scores) in zip(axes[0], bench.items()):
+        _bar(ax, list(scores), list(scores.values()), f"(b) {task}: accuracy on the held-out benchmark")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_thumb(png: bytes | Image.Image, path: Path, scale: int = 3) -> str:
+    im = png if isinstance(png, Image.Image) else Image.open(io.BytesIO(png))
+    im.convert("RGB").resize((im.width * scale, im.height * scale), Image.NEAREST).save(path, format="PNG")
+    return path.name
+
+
+def examples_markdown(root: Path, truth: dict, f1: dict, out_dir: Path, n: int = 3) -> list[str]:
+    """Example inputs: the image, every caption with its reconstruction, cycle score and ground-truth F1; the
+    prompt, every candidate image with its back-caption, cycle score and F1."""
+    from cyclepref import tables
+    from cyclepref.workstore import read_shards
+
+    inputs = read_table(root / tables.PATHS["inputs"], ["input_id", "image", "prompt", "caption"])
+    i2t = read_table(root / tables.PATHS["i2t_candidates"], ["candidate_id", "input_id", "model", "text", "text_key"])
+    recon = read_shards(root / tables.PATHS["i2t_reconstructions"], tables.I2T_RECONSTRUCTIONS,
+                        ["text_key", "image"]).to_pydict()
+    recon = dict(zip(recon["text_key"], recon["image"], strict=True))
+    scores = {**_scores(root / tables.PATHS["i2t_scores"]), **_scores(root / tables.PATHS["t2i_scores"])}
+    t2i = read_shards(root / tables.PATHS["t2i_candidates"], tables.T2I_CANDIDATES,
+                      ["candidate_id", "input_id", "model", "seed", "image"]).to_pydict()
+    back = read_table(root / tables.PATHS["t2i_reconstructions"], ["candidate_id", "text"])
+    back = dict(zip(back["candidate_id"], back["text"], strict=True))
+    lines = []
+    for k, iid in enumerate(sorted(i for i in inputs["input_id"] if i in truth)[:n]):
+        row = inputs["input_id"].index(iid)
+        lines += [f"### Example {k + 1}", "",
+                  f"![input](sandbox/{save_thumb(inputs['image'][row], out_dir / f'ex{k}_input.png')}) "
+                  f"truth: *{inputs['caption'][row]}*", "",
+                  "| captioner | caption | reconstruction | cycle score | ground-truth F1 |", "|---|---|---|---|---|"]
+        for j, c in enumerate(i2t["candidate_id"]):
+            if i2t["input_id"][j] == iid and c in f1:
+                thumb = save_thumb(recon[i2t["text_key"][j]], out_dir / f"ex{k}_recon_{j}.png")
+                lines.append(f"| {i2t['model'][j]} | {i2t['text'][j]} | ![](sandbox/{thumb}) | "
+                             f"{scores.get(c, float('nan')):.4f} | {f1[c]:.3f} |")
+        lines += ["", f"prompt: *{inputs['prompt'][row]}*", "",
+                  "| model | seed | image | back-caption | cycle score | ground-truth F1 |", "|---|---|---|---|---|---|"]
+        for j, c in enumerate(t2i["candidate_id"]):
+            if t2i["input_id"][j] == iid and c in f1:
+                thumb = save_thumb(t2i["image"][j], out_dir / f"ex{k}_t2i_{j}.png")
+                lines.append(f"| {t2i['model'][j]} | {t2i['seed'][j]} | ![](sandbox/{thumb}) | {back.get(c, '')} | "
+                             f"{scores.get(c, float('nan')):.4f} | {f1[c]:.3f} |")
+        lines.append("")
+    return lines
+
+
+def _scores(path: Path) -> dict[str, float]:
+    t = read_table(path, ["candidate_id", "score"])
+    return dict(zip(t["candidate_id"], t["score"], strict=True))
+
+
+def _fmt(e: dict | None) -> str:
+    if not e or e.get("value", e.get("accuracy")) is None:
+        return "n/a"
+    v = e.get("value", e.get("accuracy"))
+    return f"{100 * v:.1f}% [{100 * e['ci95_low']:.1f}, {100 * e['ci95_high']:.1f}] (n={e['n']})"
+
+
+def headline(report: dict) -> dict[str, float]:
+    """The numbers logged as metrics of the stage's MLflow run."""
+    out = {}
+    for task, a in report["agreement"].items():
+        if a["overall"]["value"] is not None:
+            out[f"agreement_{task}"] = a["overall"]["value"]
+    for task, scores in report["benchmark"].items():
+        for name, e in scores.items():
+            if e.get("accuracy") is not None:
+                out[f"benchmark_{task}_{name}"] = e["accuracy"]
+    out["parser_clean_exact"] = report["parser"]["clean_renders"]["exact"]["value"]
+    return out
+
+
+def markdown(report: dict, examples: list[str]) -> str:
+    lines = ["# Sandbox report: cycle consistency against ground truth", "",
+             "Every number here is judged by the world's ground truth (parsed scenes, attribute-level F1), not by "
+             "a model of the pipeline. Intervals are 95% (Wilson for shares, bootstrap over inputs for means).", "",
+             f"Inputs with ground truth: {report['inputs_with_truth']}.", "",
+             "## (a) Do cycle preferences agree with ground truth?", "",
+             "Share of the pipeline's preference pairs (data/pairs, all splits) whose preferred candidate also has "
+             "the higher ground-truth F1; pairs whose candidates have equal F1 are ties and left out.", "",
+             "| task | pairs | ground-truth ties | agreement |", "|---|---|---|---|"]
+    for task, a in report["agreement"].items():
+        lines.append(f"| {task} | {a['pairs']} | {a['ground_truth_ties']} | {_fmt(a['overall'])} |")
+    lines += ["", "By cycle-score margin (quartiles):", "", "| task | margin | agreement |", "|---|---|---|"]
+    for task, a in report["agreement"].items():
+        lines += [f"| {task} | {b['margin_low']:.4g} - {b['margin_high']:.4g} | {_fmt(b)} |" for b in a["by_margin"]]
+    lines += ["", "![agreement](sandbox/agreement.png)", "",
+              "## (b) Reward models on the frozen held-out benchmark", "",
+              "Pairwise accuracy on data/benchmarks/sandbox (held-out scenes; candidates from the world models; the "
+              "truly better candidate is the chosen one). `cycle` is raw cycle consistency on the same pairs.", "",
+              "| task | scorer | accuracy |", "|---|---|---|"]
+    for task, scores in report["benchmark"].items():
+        lines += [f"| {task} | {name} | {_fmt(e)} |" for name, e in scores.items()]
+    lines += ["", "![benchmark](sandbox/benchmark.png)", "", "## Ladders: ground-truth quality of each model", "",
+              "| task | model | mean F1 of its candidates |", "|---|---|---|"]
+    for task, models in report["ladder"].items():
+        lines += [f"| {task} | {m} | {_fmt(e)} |" for m, e in models.items()]
+    p = report["parser"]
+    lines += ["", "## The image parser", "",
+              f"Objects recovered exactly from clean renders: {_fmt(p['clean_renders']['exact'])}; after the "
+              f"text-to-image model's VAE (what its decoder can express): {_fmt(p['t2i_vae_round_trip']['exact'])} "
+              "(per attribute: " + ", ".join(f"{k} {100 * p['t2i_vae_round_trip'][k]:.1f}%"
+                                            for k in ("shape", "colour", "size", "position")) + ").", ""]
+    lines += downstream_markdown(report)
+    return "\n".join(lines + ["## Examples", "", *examples]) + "\n"
+
+
+def plot_best_of_n(best: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = best.get("tasks", {})
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.5 * max(1, len(tasks)), 3.2), squeeze=False)
+    for ax, (task, sec) in zip(axes[0], tasks.items()):
+        ns = [int(n) for n in sec["n"]]
+        for v, curve in sec["quality"].items():
+            ax.plot(ns, [curve[str(n)] for n in ns], marker="o", label=v)
+            ax.fill_between(ns, [sec["low"][v][str(n)] for n in ns], [sec["high"][v][str(n)] for n in ns], alpha=0.15)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N")
+        ax.set_ylabel(f"{sec['evaluator']} F1 of the pick")
+        ax.set_title(f"(c) Best-of-N {task}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def before_after(downstream: dict) -> dict[str, dict]:
+    """(d) DPO of the captioner (i2t) and (e) Diffusion-DPO (t2i): before, after and the paired difference."""
+    out = {}
+    for task, sec in downstream.get("tasks", {}).items():
+        out[task] = {k: {"value": sec.get(k), "ci95_low": sec.get(f"{k}_low"), "ci95_high": sec.get(f"{k}_high"),
+                         "n": sec.get("n")} for k in ("before", "after", "delta")}
+    return out
+
+
+def plot_before_after(ba: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {"i2t": "(d) DPO of the captioner", "t2i": "(e) Diffusion-DPO"}
+    fig, axes = plt.subplots(1, max(1, len(ba)), figsize=(3.6 * max(1, len(ba)), 3.2), squeeze=False)
+    for ax, (task, e) in zip(axes[0], ba.items()):
+        _bar(ax, ["before", "after"], [e["before"], e["after"]], f"{names.get(task, task)}: ground-truth F1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def downstream_markdown(report: dict) -> list[str]:
+    best = report["best_of_n"].get("tasks", {})
+    lines = ["## (c) Best-of-N", "",
+             f"Mean {report['best_of_n'].get('evaluator', '?')} F1 of the pick among the first N samples, per "
+             "verifier (95% bootstrap interval over inputs); `gain` is N=max minus N=1 with its paired interval.", "",
+             "| task | verifier | " + " | ".join(f"N={n}" for n in next(iter(best.values()), {}).get("n", []))
+             + " | gain |", "|---|---|" + "---|" * (len(next(iter(best.values()), {}).get("n", [])) + 1)]
+    for task, sec in best.items():
+        for v, curve in sec["quality"].items():
+            cells = [f"{curve[str(n)]:.3f}" for n in sec["n"]]
+            gain = f"{sec['gain'][v]:+.3f} [{sec['gain_low'][v]:+.3f}, {sec['gain_high'][v]:+.3f}]"
+            lines.append(f"| {task} | {v} | " + " | ".join(cells) + f" | {gain} |")
+    lines += ["", "![best-of-n](sandbox/best_of_n.png)", "", "## (d) DPO and (e) Diffusion-DPO", "",
+              f"Judged by {report['downstream'].get('evaluator', '?')} on held-out inputs: i2t = caption F1 of the "
+              "DPO-trained captioner's greedy captions, t2i = image F1 of the Diffusion-DPO model's images.", "",
+              "| task | before | after | after - before |", "|---|---|---|---|"]
+    for task, e in before_after(report["downstream"]).items():
+        lines.append(f"| {task} | {_num(e['before'])} | {_num(e['after'])} | {_num(e['delta'], signed=True)} |")
+    return lines + ["", "![before-after](sandbox/before_after.png)", ""]
+
+
+def _num(e: dict, signed: bool = False) -> str:
+    if e["value"] is None:
+        return "n/a"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(e['value'])} [{f.format(e['ci95_low'])}, {f.format(e['ci95_high'])}] (n={e['n']})"

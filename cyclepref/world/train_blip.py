@@ -1,0 +1,78 @@
+"""The sandbox's pretrained BLIP: a BlipForImageTextRetrieval trained with image-text matching on world data.
+
+It stands where the paper's BLIP checkpoint stands: a backbone that has seen images with their captions, from which
+train_reward starts. Its ITM head learns to tell an image's own caption (or a paraphrase) from another scene's
+caption drawn from the same batch, as BLIP pretraining does; it never sees a preference or a cycle score.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cyclepref.models import tokenizers as tk
+from cyclepref.models.formats import CLIP_MEAN, CLIP_STD
+from cyclepref.world.data import training_examples, zero_unused_rows
+from cyclepref.world.scene import IMAGE_SIZE
+
+MAX_LENGTH = 64
+
+
+def build(seed: int):
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
+
+    tok = tk.build_blip_tokenizer()
+    config = BlipConfig(
+        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=3, num_attention_heads=4),
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, max_position_embeddings=128, encoder_hidden_size=64,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id),
+        projection_dim=64,
+        image_text_hidden_size=64,
+    )
+    torch.manual_seed(seed)
+    model = BlipForImageTextRetrieval(config)
+    ip = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    return model, BlipProcessor(image_processor=ip, tokenizer=tok)
+
+
+def train(out: Path, steps: int, seed: int, n_scenes: int, batch_size: int, lr: float, log=print) -> list[float]:
+    """ITM training: each image with its own text (label 1) and with a shifted in-batch text (label 0)."""
+    examples = list(training_examples(n_scenes, seed))
+    model, processor = build(seed)
+    pixels = processor.image_processor([e[0] for e in examples], return_tensors="pt")["pixel_values"]
+    texts = [processor.tokenizer([e[k] for e in examples], padding="max_length", max_length=MAX_LENGTH,
+                                 truncation=True, return_tensors="pt") for k in (1, 2)]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(examples), (batch_size,), generator=gen)
+        which = int(torch.randint(0, 2, (1,), generator=gen))
+        shift = int(torch.randint(1, batch_size, (1,), generator=gen))
+        text_idx = torch.cat([idx, idx.roll(shift)])
+        ids, mask = texts[which]["input_ids"][text_idx], texts[which]["attention_mask"][text_idx]
+        keep = mask.sum(0) > 0
+        logits = model(input_ids=ids[:, keep], attention_mask=mask[:, keep],
+                       pixel_values=pixels[idx].repeat(2, 1, 1, 1), use_itm_head=True).itm_score
+        labels = torch.cat([torch.ones(batch_size), torch.zeros(batch_size)]).long()
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            log(f"blip step {step}: loss {np.mean(losses[-50:]):.4f}")
+    model.eval()
+    zero_unused_rows(model.text_encoder.get_input_embeddings(),
+                     torch.cat([t["input_ids"] for t in texts]).flatten().tolist())
+    model.half().save_pretrained(out)
+    processor.save_pretrained(out)
+    return losses
