@@ -39,4 +39,4 @@ bench: $(STAMP)
 	for b in bench/bench_*.py; do python $$b || exit 1; done
 
 clean:
-	rm -rf data/zoo data/prepared data/work data/i2t data/t2i data/pairs data/export data/reward data/downstream mlruns mlflow.db
+	rm -rf data/world/inputs data/zoo data/prepared data/work data/i2t data/t2i data/pairs data/export data/reward data/downstream mlruns mlflow.db

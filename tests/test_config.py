@@ -68,7 +68,7 @@ def test_missing_section_and_bad_literal_are_reported():
 def test_duplicate_model_names_and_seeds_rejected():
     data = _default()
     data["generate_i2t"]["captioners"].append(dict(data["generate_i2t"]["captioners"][0]))
-    with pytest.raises(ParamsError, match="model names must be unique, repeated: tiny-llava"):
+    with pytest.raises(ParamsError, match="model names must be unique, repeated: world-cap-200"):
         parse_params(data)
     data = _default()
     data["generate_t2i"]["seeds"] = [0, 0]
@@ -101,7 +101,7 @@ def test_profile_use_switches_and_validates(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert load_params(tmp_path / "params.yaml").profile == "paper"
     res = runner.invoke(app, ["profile", "use", "nonexistent"])
-    assert res.exit_code == 2 and "available: default, paper" in res.output
+    assert res.exit_code == 2 and "available: default, paper, tiny" in res.output
     (tmp_path / "configs" / "broken.yaml").write_text("profile: broken\n")
     res = runner.invoke(app, ["profile", "use", "broken"])
     assert res.exit_code == 2 and "bootstrap_models: Field required" in res.output

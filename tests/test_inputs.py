@@ -173,6 +173,8 @@ def test_prepare_inputs_stage_on_bundled_set(tmp_path):
     shutil.copytree(ROOT / "data/inputs", tmp_path / "data/inputs")
     (tmp_path / "data/inputs/images/broken.png").write_text("not an image")
     params = load_params(ROOT / "params.yaml")
+    photos = params.prepare_inputs.model_copy(update={"path": "data/inputs"})
+    params = params.model_copy(update={"prepare_inputs": photos})
     summary = prepare_inputs.run(params, tmp_path)
     assert summary == {"inputs": 16, "with_image": 16, "with_prompt": 16, "quarantined": 1}
     table = store.read_table(tmp_path / PATHS["inputs"], inp.INPUTS_SCHEMA)
