@@ -38,7 +38,17 @@ from PIL import Image, ImageOps
 from cyclepref.config import PrepareInputs
 from cyclepref.paths import OutsideRoot, display, inside, relative_key
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SUFFIX_FORMATS = {
+    ".jpg": {"JPEG", "MPO"},
+    ".jpeg": {"JPEG", "MPO"},
+    ".png": {"PNG"},
+    ".webp": {"WEBP"},
+    ".bmp": {"BMP", "DIB"},
+    ".gif": {"GIF"},
+    ".tif": {"TIFF"},
+    ".tiff": {"TIFF"},
+}
+IMAGE_SUFFIXES = set(SUFFIX_FORMATS)
 BACKGROUND = (255, 255, 255)
 """Transparent pixels are composited on white."""
 KEEP_RULE = "the item with more text (prompt, caption) is kept, on a tie the first source in sort order"
@@ -398,11 +408,19 @@ def load_image(image: object, max_pixels: int) -> tuple[Image.Image, list[str]]:
     Image.MAX_IMAGE_PIXELS = max_pixels
     img = _open_image(image)
     try:
-        return normalise(img)
+        rgb, notes = normalise(img)
     except InvalidInput:
         raise
     except Exception as err:
         raise InvalidInput(f"unreadable image: {type(err).__name__}: {err}") from None
+    return rgb, _extension_note(image, img.format) + notes
+
+
+def _extension_note(image: object, fmt: str | None) -> list[str]:
+    if not isinstance(image, Path) or fmt is None:
+        return []
+    suffix = image.suffix.lower()
+    return [] if fmt in SUFFIX_FORMATS.get(suffix, {fmt}) else [f"{fmt} content in a {suffix} file"]
 
 
 # ---------------------------------------------------------------- texts and ids
