@@ -13,6 +13,7 @@ app.add_typer(profile_app, name="profile")
 
 CONFIGS = Path("configs")
 PARAMS = Path("params.yaml")
+DVC_FILE = Path("dvc.yaml")
 
 
 def _profiles() -> list[str]:
@@ -29,34 +30,45 @@ def profile_list() -> None:
         typer.echo(f"{'*' if name == active else ' '} {name}")
 
 
-@profile_app.command("use")
-def profile_use(name: str = typer.Argument(..., help="Profile name: a file configs/<name>.yaml.")) -> None:
-    """Validate configs/<name>.yaml and copy it over params.yaml (then `dvc repro` reruns what changed)."""
-    from cyclepref.config import ParamsError, load_params
+DVC_FILE_OPTION = typer.Option(DVC_FILE, "--dvc-file", help="The pipeline whose stages' sections must be present.")
 
+
+def _checked(path: Path, dvc_file: Path):
+    """The params of `path`, valid against the schema and holding every section dvc_file's stages read; else exit 2
+    with every bad key or missing section and why."""
+    from cyclepref.config import ParamsError, load_params
+    from cyclepref.profiles import require_sections
+
+    try:
+        params = load_params(path)
+        if dvc_file.exists():
+            require_sections(params, dvc_file, str(path))
+    except ParamsError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    return params
+
+
+@profile_app.command("use")
+def profile_use(
+    name: str = typer.Argument(..., help="Profile name: a file configs/<name>.yaml."), dvc_file: Path = DVC_FILE_OPTION
+) -> None:
+    """Validate configs/<name>.yaml and copy it over params.yaml (then `dvc repro` reruns what changed)."""
     src = CONFIGS / f"{name}.yaml"
     if not src.exists():
         typer.echo(f"no profile {name!r}; available: {', '.join(_profiles())}", err=True)
         raise typer.Exit(2)
-    try:
-        load_params(src)
-    except ParamsError as err:
-        typer.echo(str(err), err=True)
-        raise typer.Exit(2) from None
+    _checked(src, dvc_file)
     shutil.copyfile(src, PARAMS)
     typer.echo(f"params.yaml <- {src}")
 
 
 @profile_app.command("check")
-def profile_check(path: Path = typer.Argument(PARAMS, help="A params file to validate.")) -> None:
-    """Validate a params file against the schema; print every bad key and why."""
-    from cyclepref.config import ParamsError, load_params
-
-    try:
-        params = load_params(path)
-    except ParamsError as err:
-        typer.echo(str(err), err=True)
-        raise typer.Exit(2) from None
+def profile_check(
+    path: Path = typer.Argument(PARAMS, help="A params file to validate."), dvc_file: Path = DVC_FILE_OPTION
+) -> None:
+    """Validate a params file against the schema and the stages of dvc.yaml; print every bad key or missing section."""
+    params = _checked(path, dvc_file)
     typer.echo(f"{path}: valid (profile {params.profile})")
 
 
