@@ -97,7 +97,7 @@ def score(
         if images or text:
             typer.echo("--jsonl replaces IMAGE... and --text; give one or the other", err=True)
             raise typer.Exit(2)
-        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        rows = _read_jsonl(jsonl)
         bad = [i + 1 for i, r in enumerate(rows) if not all(isinstance(r.get(k), str) for k in ("image", "text"))]
         if bad:
             typer.echo(f"{jsonl}: lines {bad[:10]} need string fields 'image' and 'text'", err=True)
@@ -122,9 +122,13 @@ def score(
             try:
                 decoded[p] = decode(p)
             except Exception as err:
-                typer.echo(f"{p}: cannot read image ({type(err).__name__}: {err})", err=True)
+                typer.echo(f"{p}: cannot read image ({_one_line(err)})", err=True)
                 raise typer.Exit(2) from None
-    reward = load_reward_model(model)
+    try:
+        reward = load_reward_model(model)
+    except Exception as err:
+        typer.echo(f"--model {model}: cannot load a reward model ({_one_line(err)})", err=True)
+        raise typer.Exit(2) from None
     scores = reward.score([decoded[p] for p in paths], texts, batch_size=batch_size).tolist()
     if jsonl is not None:
         for row, s in zip(rows, scores, strict=True):
@@ -132,6 +136,36 @@ def score(
     else:
         for p, t, s in zip(paths, texts, scores, strict=True):
             typer.echo(f"{s:.6f}\t{p}\t{t}")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a jsonl file; a missing file or a bad line exits 2 with one line naming it."""
+    import json
+
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, ValueError) as err:
+        typer.echo(f"{path}: cannot read ({_one_line(err)})", err=True)
+        raise typer.Exit(2) from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            typer.echo(f"{path}:{n}: not valid JSON ({_one_line(err)})", err=True)
+            raise typer.Exit(2) from None
+        if not isinstance(row, dict):
+            typer.echo(f"{path}:{n}: expected a JSON object", err=True)
+            raise typer.Exit(2)
+        rows.append(row)
+    return rows
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}"
 
 
 def _project(root: Path) -> Path:
