@@ -12,8 +12,8 @@ from fixtures.bad_inputs import KEPT, OUTSIDE, Case, write_corpus
 from cyclepref import inputs as inp
 from cyclepref import store
 from cyclepref.config import PrepareInputs, load_params
-from cyclepref.ingest import ingest_inputs
 from cyclepref.tables import PATHS
+from flows.retrain import ingest_inputs
 from tasks import prepare_inputs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,8 +35,6 @@ def test_a_table_changed_after_its_gate_passed_is_refused_as_stale(tmp_path, mlf
     write_params(tmp_path, build_pairs=BuildPairs().model_dump(mode="json"), gates=Gates().model_dump(mode="json"))
     for name in ("i2t_scores", "t2i_scores"):
         gate.main([name])
-    report = json.loads((tmp_path / "reports/dq/i2t_scores.json").read_text())
-    assert report["digest"] == store.table_digest(tmp_path / PATHS["i2t_scores"])
     scores = world["i2t_scores"]
     changed = scores.set_column(scores.schema.get_field_index("score"), "score",
                                 pa.array([5.0] * scores.num_rows, pa.float64()))
@@ -44,6 +42,10 @@ def test_a_table_changed_after_its_gate_passed_is_refused_as_stale(tmp_path, mlf
     with pytest.raises(SystemExit, match=r"build_pairs: .*i2t_scores.json is stale: gate i2t_scores checked"):
         build_stage.main()
     assert not (tmp_path / PATHS["pairs"]).exists()
+    with pytest.raises(SystemExit):
+        gate.main(["i2t_scores"])
+    report = json.loads((tmp_path / "reports/dq/i2t_scores.json").read_text())
+    assert report["digest"] == store.table_digest(tmp_path / PATHS["i2t_scores"]) and not report["success"]
     gate_report = {"success": True}
     (tmp_path / "reports/dq/t2i_scores.json").write_text(json.dumps(gate_report))
     with pytest.raises(gates.GateFailed, match="no digest"):
@@ -61,7 +63,7 @@ def test_a_stage_republishing_from_its_work_store_checks_the_contract(tmp_path):
     scores = [0.5] * len(keys)
     scores[3] = float("nan")
     ctx.work("score_t2i", cycle.SCORE_ROWS).add(pa.table({"key": keys, "score": scores}, schema=cycle.SCORE_ROWS))
-    with pytest.raises(tables.ContractError, match="refusing to publish t2i_scores: 1 non-finite score"):
+    with pytest.raises(ValueError, match="refusing to publish t2i_scores: 1 non-finite score"):
         cycle.score_t2i(ctx, metric, batch_size=4)
     assert not (tmp_path / PATHS["t2i_scores"]).exists()
 
@@ -160,11 +162,10 @@ def test_score_with_a_bad_model_path_or_jsonl_exits_2_with_one_line(tmp_path):
     "MemoryError: Unable to allocate 40.0 GiB for an array\n",
 ])
 def test_out_of_memory_is_a_permanent_failure(tmp_path, output):
-    from flows.pipeline import OutOfMemory, classify
+    from flows.pipeline import classify
 
     err = classify("train_reward", 1, output, tmp_path)
-    assert isinstance(err, OutOfMemory) and not err.transient
-    assert "batch_size" in str(err)
+    assert not err.transient and err.kind == "out of memory" and "batch_size" in str(err)
 
 
 def test_make_clean_keeps_the_registry_and_clean_all_removes_it():
@@ -184,7 +185,7 @@ def test_make_clean_keeps_the_registry_and_clean_all_removes_it():
 def test_a_foreign_pickled_pyfunc_is_refused_before_anything_is_loaded(tmp_path, monkeypatch):
     import mlflow
 
-    from cyclepref.reward.pyfunc import RewardModelError, load_reward_model
+    from cyclepref.reward.pyfunc import load_reward_model
 
     marker = tmp_path / "loaded"
 
@@ -198,6 +199,7 @@ def test_a_foreign_pickled_pyfunc_is_refused_before_anything_is_loaded(tmp_path,
     mlflow.pyfunc.save_model(tmp_path / "foreign", python_model=Foreign())
     marker.unlink(missing_ok=True)
     monkeypatch.setenv("CYCLEPREF_MLFLOW_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with pytest.raises(RewardModelError, match="not a cyclepref reward model .*a pickled python model"):
+    with pytest.raises(Exception, match="not a cyclepref reward model") as refused:
         load_reward_model(str(tmp_path / "foreign"))
-    assert not marker.exists()
+    assert not marker.exists(), "the foreign model was unpickled and its code ran"
+    assert "a pickled python model" in str(refused.value) and str(refused.value).endswith("nothing was loaded")
