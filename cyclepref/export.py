@@ -16,7 +16,6 @@ and are listed with 0 pairs in the card.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -151,7 +150,7 @@ def write_export(
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = store.temp_dir(out_dir)
     try:
         counts, files = {}, []
         for task in sorted(set(pairs.column("task").to_pylist())):
