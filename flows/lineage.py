@@ -10,15 +10,18 @@ plain `dvc repro` are matched once by stage and params, then tagged; see adopt_p
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
-import os
+from contextlib import chdir
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from cyclepref.tracking import EXPERIMENT, flatten, git_state, tracking_uri
+from cyclepref import tracking
+from cyclepref.tracking import flatten, git_state
 
 PARENT_ENV = "CYCLEPREF_PARENT_RUN_ID"
 PARENT_TAG = "mlflow.parentRunId"
@@ -40,17 +43,28 @@ class StageRecord:
     lock_hash: str | None
 
 
+def in_project(fn):
+    """Run a flow function in its `root` argument's directory: the local store's artifact locations are relative
+    to the project root, and MLflow resolves them against the working directory."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+        bound.apply_defaults()
+        with chdir(Path(bound.arguments["root"]).resolve()):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def client(root: Path | None = None):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri(root))
+    return MlflowClient(tracking.use_store(root))
 
 
 def experiment_id(mlflow_client) -> str:
-    """The id of the experiment the stages log to (CYCLEPREF_EXPERIMENT, default cyclepref), created when absent."""
-    name = os.environ.get("CYCLEPREF_EXPERIMENT", EXPERIMENT)
-    exp = mlflow_client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else mlflow_client.create_experiment(name)
+    return tracking.experiment_id(mlflow_client)
 
 
 def lock_entries(root: Path) -> dict[str, dict]:

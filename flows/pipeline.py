@@ -354,6 +354,7 @@ def publish(result: PipelineResult, root: Path, client) -> None:
 
 
 @flow(name="cyclepref-pipeline", persist_result=False)
+@lineage.in_project
 def pipeline(
     root: str = ".",
     trigger: str = "manual",

@@ -122,6 +122,7 @@ class RetrainResult:
     benchmark: str
     decision: Decision
     pairs: int = 0
+    benchmark_digest: str = "absent"
     ingested: dict[str, int] = field(default_factory=dict)
     adapters: dict[str, list[str]] = field(default_factory=dict)
 
@@ -366,7 +367,7 @@ def decision_tags(r: RetrainResult) -> dict[str, str]:
         "cyclepref.mcnemar_p": "n/a" if c is None else f"{c.mcnemar_p:.6g}",
         "cyclepref.benchmark_pairs": str(r.pairs),
         "cyclepref.benchmark": r.benchmark,
-        "cyclepref.benchmark_digest": benchmark_digest(Path(r.benchmark)),
+        "cyclepref.benchmark_digest": r.benchmark_digest,
     }
 
 
@@ -396,7 +397,8 @@ def promote(
         decision = decide(challenger_out, champion_out, cfg.margin, pairs > 0, cfg.confidence, cfg.bootstrap_samples)
     out = RetrainResult(
         result.parent_run_id, name, challenger, champion, mean_or_none(challenger_out), mean_or_none(champion_out),
-        str(bench), decision, pairs=0 if challenger_out is None else len(challenger_out),
+        cfg.benchmark, decision, pairs=0 if challenger_out is None else len(challenger_out),
+        benchmark_digest=benchmark_digest(bench),
     )
     apply_decision(client, name, challenger, champion, decision)
     for key, value in decision_tags(out).items():
@@ -464,6 +466,7 @@ def promote_task(result: PipelineResult, root: str) -> RetrainResult:
 
 
 @flow(name="cyclepref-retrain", persist_result=False)
+@lineage.in_project
 def retrain(
     root: str = ".",
     ingest: bool = True,

@@ -77,6 +77,14 @@ class RewardPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"score": scores.double().numpy()})
 
 
+def project_path(path: str | Path) -> str:
+    """`path` relative to the working directory (the project root) when inside it, so the MLmodel file that
+    records it names no checkout; else absolute."""
+    path = Path(path).resolve()
+    cwd = Path.cwd().resolve()
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
+
+
 def log_reward_model(model_dir: str | Path, name: str = "reward_model", input_example: pd.DataFrame | None = None):
     """Log a RewardModel directory as a pyfunc in the active run; returns mlflow's ModelInfo."""
     import cyclepref
@@ -84,8 +92,8 @@ def log_reward_model(model_dir: str | Path, name: str = "reward_model", input_ex
     package = Path(cyclepref.__file__).resolve().parent
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=str(package / "reward" / "pyfunc_entry.py"),
-        artifacts={ARTIFACT: str(Path(model_dir).resolve())},
+        python_model=project_path(package / "reward" / "pyfunc_entry.py"),
+        artifacts={ARTIFACT: project_path(model_dir)},
         signature=signature(),
         input_example=input_example,
         pip_requirements=pinned_requirements(),
@@ -102,9 +110,9 @@ def load_reward_model(uri: str):
         return RewardModel.from_pretrained(path)
     if "://" not in uri and not uri.startswith(("models:", "runs:")) and not path.exists():
         raise FileNotFoundError(f"{uri}: no such model directory (or pass an MLflow URI such as models:/name@alias)")
-    from cyclepref.tracking import tracking_uri
+    from cyclepref.tracking import use_store
 
-    mlflow.set_tracking_uri(tracking_uri())
+    use_store()
     loaded = mlflow.pyfunc.load_model(uri)
     wrapped = loaded.unwrap_python_model()
     if not isinstance(wrapped, RewardPyfunc):
