@@ -1,4 +1,5 @@
-# `make run`: create .venv, install, reproduce the pipeline on the active profile (params.yaml).
+# `make run`: create .venv, install, reproduce the pipeline on the active profile (params.yaml) with MLflow lineage
+#             (`cyclepref repro` = `dvc repro` + a parent run), then register the reward model it trained.
 # `make test`: create .venv, install, run the tests.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -22,7 +23,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 .PHONY: run test install bench clean
 
 run: $(STAMP)
-	dvc repro
+	cyclepref repro
+	cyclepref register
 
 test: $(STAMP)
 	python -m pytest

@@ -199,3 +199,19 @@ def log_examples(name: str, items: list[tuple[object | None, str]], thumb: int =
         with open(f"{tmp}/{name}.json", "w") as f:
             json.dump([t for _, t in items], f, indent=1)
         mlflow.log_artifacts(tmp, artifact_path="examples")
+
+
+def log_adapter_model(directory: Path, name: str, tags: dict[str, str] | None = None) -> str | None:
+    """Log a LoRA adapter directory as an MLflow logged model of the active run (its files as they are: load it
+    with peft / diffusers, not as a pyfunc); returns the model id, None outside a run."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        return None
+    model = mlflow.initialize_logged_model(
+        name=name, source_run_id=run.info.run_id, tags=tags, model_type="lora-adapter"
+    )
+    mlflow.MlflowClient().log_model_artifacts(model.model_id, str(directory))
+    mlflow.finalize_logged_model(model.model_id, "READY")
+    return model.model_id

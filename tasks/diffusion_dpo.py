@@ -38,7 +38,7 @@ def run(params: Params, root: Path) -> dict:
     report["reload_check"] = {"images": len(images)}
     metrics = store.write_json(report, root / report_path("diffusion_dpo"))
     if tracked:
-        mlflow.log_artifacts(str(out), artifact_path="adapter")
+        tracking.log_adapter_model(out, "diffusion_dpo_adapter", {"cyclepref.stage": "diffusion_dpo"})
         mlflow.log_artifact(str(metrics))
         tracking.log_examples("diffusion_dpo_heldout", list(zip(images, held.prompts, strict=True)))
     summary = {k: report[k] for k in ("train_pairs", "valid_pairs", "steps", "train_loss_first", "train_loss_last")}

@@ -35,7 +35,7 @@ def run(params: Params, root: Path) -> dict:
     report["reload_check"] = {"captions": len(captions), "nonempty": sum(bool(c.strip()) for c in captions)}
     metrics = store.write_json(report, root / report_path("dpo_vlm"))
     if tracked:
-        mlflow.log_artifacts(str(out), artifact_path="adapter")
+        tracking.log_adapter_model(out, "dpo_vlm_adapter", {"cyclepref.stage": "dpo_vlm"})
         mlflow.log_artifact(str(metrics))
         tracking.log_examples("dpo_vlm_heldout", list(zip(held.images, captions, strict=True)))
     summary = {k: report[k] for k in ("train_pairs", "valid_pairs", "steps", "train_loss")}
