@@ -74,6 +74,10 @@ def score(
         'prints each line with "score" added.'
     ),
     batch_size: int = typer.Option(32, min=1, help="Pairs per forward pass."),
+    fmt: str | None = typer.Option(
+        None, "--format", help="tsv: a header line, then score, image, text per pair (default); json: one JSON "
+        "object per pair (default with --jsonl: each input line with \"score\" added)."
+    ),
 ) -> None:
     """Print reward scores (higher = better aligned) for image-text pairs."""
     import json
@@ -81,11 +85,15 @@ def score(
     from cyclepref.reward.data import decode
     from cyclepref.reward.pyfunc import load_reward_model
 
+    fmt = fmt or ("json" if jsonl is not None else "tsv")
+    if fmt not in ("tsv", "json"):
+        typer.echo(f"--format must be tsv or json, got {fmt!r}", err=True)
+        raise typer.Exit(2)
     if jsonl is not None:
         if images or text:
             typer.echo("--jsonl replaces IMAGE... and --text; give one or the other", err=True)
             raise typer.Exit(2)
-        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        rows = _jsonl_rows(jsonl)
         bad = [i + 1 for i, r in enumerate(rows) if not all(isinstance(r.get(k), str) for k in ("image", "text"))]
         if bad:
             typer.echo(f"{jsonl}: lines {bad[:10]} need string fields 'image' and 'text'", err=True)
@@ -93,6 +101,7 @@ def score(
         paths = [jsonl.parent / r["image"] for r in rows]
         texts = [r["text"] for r in rows]
     else:
+        rows = None
         paths, texts = list(images or []), list(text or [])
         if not paths or not texts:
             typer.echo("give IMAGE... and --text (or --jsonl FILE)", err=True)
@@ -114,12 +123,40 @@ def score(
                 raise typer.Exit(2) from None
     reward = load_reward_model(model)
     scores = reward.score([decoded[p] for p in paths], texts, batch_size=batch_size).tolist()
-    if jsonl is not None:
+    rows = rows or [{"image": str(p), "text": t} for p, t in zip(paths, texts, strict=True)]
+    if fmt == "json":
         for row, s in zip(rows, scores, strict=True):
             typer.echo(json.dumps(row | {"score": s}, ensure_ascii=False))
-    else:
-        for p, t, s in zip(paths, texts, scores, strict=True):
-            typer.echo(f"{s:.6f}\t{p}\t{t}")
+        return
+    typer.echo("score\timage\ttext")
+    for p, t, s in zip(paths, texts, scores, strict=True):
+        typer.echo(f"{s:.6f}\t{p}\t{_one_line(t)}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    """The JSON object of each non-empty line; a bad line is a one-line error (exit 2)."""
+    import json
+
+    if not path.is_file():
+        typer.echo(f"{path}: no such file", err=True)
+        raise typer.Exit(2)
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as err:
+            typer.echo(f"{path}:{n}: not JSON ({err})", err=True)
+            raise typer.Exit(2) from None
+        if not isinstance(rows[-1], dict):
+            typer.echo(f"{path}:{n}: expected a JSON object", err=True)
+            raise typer.Exit(2)
+    return rows
 
 
 def _project(root: Path) -> Path:
@@ -162,6 +199,55 @@ def pipeline_cmd(
     for o in result.outcomes:
         typer.echo(f"{o.stage}\t{o.status}\t{o.seconds:.1f}s\t{o.child_run_id}")
     typer.echo(f"MLflow pipeline run: {result.parent_run_id}")
+
+
+@app.command("repro")
+def repro_cmd(
+    targets: list[str] | None = typer.Argument(None, help="Stages or outputs for `dvc repro` (default: all)."),
+    root: Path = ROOT_OPTION,
+) -> None:
+    """`dvc repro` with MLflow lineage: one parent run, every stage a child (executed, or skipped and pointing to
+    the run that made its outputs). `make run` runs this, then `cyclepref register`."""
+    root = _project(root)
+    from cyclepref.config import ParamsError
+    from flows.repro import repro
+
+    try:
+        result = repro(root, list(targets or []))
+    except ParamsError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    ran = sum(s == "executed" for s in result.statuses.values())
+    typer.echo(f"MLflow run {result.parent_run_id}: {ran} stage(s) run, {len(result.statuses) - ran} up to date")
+    if result.returncode:
+        raise typer.Exit(result.returncode)
+
+
+@app.command("register")
+def register_cmd(root: Path = ROOT_OPTION) -> None:
+    """Register the reward model of the current DVC outputs (one version per output, tagged with the DVC stage hash,
+    git commit and data digest) and link the DPO adapters to it. No alias moves: see `cyclepref retrain`."""
+    root = _project(root)
+    from contextlib import chdir
+
+    from cyclepref.config import ParamsError, load_params, require
+    from flows import lineage
+    from flows.retrain import register_current
+
+    try:
+        cfg = require(load_params(root / "params.yaml").retrain, "retrain")
+    except ParamsError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    with chdir(root):
+        try:
+            reg = register_current(lineage.client(root), root, cfg)
+        except LookupError as err:
+            typer.echo(f"nothing registered: {err}", err=True)
+            return
+    state = "registered" if reg.created else "already registered"
+    linked = ", ".join(f"{s} {m}" for s, m in reg.adapters.items()) or "none"
+    typer.echo(f"{reg.name} version {reg.version} {state} (train run {reg.train_run_id}; adapters: {linked})")
 
 
 @app.command("retrain")
