@@ -20,7 +20,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench report clean
 
 run: $(STAMP)
 	cyclepref repro
@@ -28,6 +28,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	python -m pytest
+
+report: $(STAMP)
+	cyclepref report
 
 install: $(STAMP)
 

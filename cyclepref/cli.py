@@ -250,6 +250,24 @@ def register_cmd(root: Path = ROOT_OPTION) -> None:
     typer.echo(f"{reg.name} version {reg.version} {state} (train run {reg.train_run_id}; adapters: {linked})")
 
 
+@app.command("report")
+def report_cmd(
+    root: Path = ROOT_OPTION,
+    out: Path = typer.Option(Path("reports/report.html"), "--out", "-o", help="Where to write the page."),
+    examples: int = typer.Option(3, min=0, help="Inputs shown per task with their candidates."),
+) -> None:
+    """Write one offline HTML page (images embedded, no network): headline numbers, gates, examples with their
+    cycle scores, reward accuracies, Best-of-N curves."""
+    root = _project(root)
+    from cyclepref import store
+    from cyclepref.report import build
+
+    path = out if out.is_absolute() else root / out
+    with store.atomic_path(path) as tmp:
+        tmp.write_text(build(root, examples))
+    typer.echo(str(path))
+
+
 @app.command("retrain")
 def retrain_cmd(
     root: Path = ROOT_OPTION,

@@ -3,7 +3,8 @@
     python -m tasks.gate <name>      name in: inputs, i2t_candidates, i2t_reconstructions, t2i_candidates,
                                      t2i_reconstructions, i2t_scores, t2i_scores, pairs
 
-Outputs: reports/dq/<name>.json (DVC metric) and reports/dq/<name>.md. Thresholds: params `gates.<name>`.
+Outputs: reports/dq/<name>.json and .md (the report), reports/metrics/gate_<name>.json (DVC metric: passed, rows,
+warnings). Thresholds: params `gates.<name>`.
 A failed gate exits 1 after writing its report and printing the failing checks, so DVC runs nothing downstream.
 """
 
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 
-from cyclepref import gates, stage, store
+from cyclepref import gates, metrics, stage, store
 from cyclepref.config import Gates, Params, require
 from cyclepref.tables import PATHS
 
@@ -42,8 +43,10 @@ def evaluate(name: str, root: Path, thresholds: Gates) -> dict:
 
 
 def write_report(report: dict, root: Path) -> tuple[Path, Path]:
+    """The full report (reports/dq/<gate>.json and .md) and its headline metrics (cyclepref.metrics)."""
     out = root / REPORT_DIR / f"{report['gate']}.json"
     store.write_json(report, out)
+    metrics.write(root, f"gate@{report['gate']}", metrics.gate(report))
     md = out.with_suffix(".md")
     with store.atomic_path(md) as tmp:
         tmp.write_text(gates.render_markdown(report))
