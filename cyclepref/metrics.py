@@ -11,6 +11,9 @@ reports/downstream/). The keys:
     baseline  the best baseline's accuracy on the same pairs; a DPO model's accuracy before training
     gain      Best-of-N: the reward verifier's quality at the largest N minus at N = 1; DPO: after minus before
     low/high  the interval of `accuracy` (evaluate_reward) or of `gain`
+
+A value that is not a finite number (nothing to measure, e.g. an empty split) is left out of the headline; the full
+report keeps it.
 """
 
 from __future__ import annotations
@@ -31,14 +34,16 @@ def path(stage: str, part: str | None = None) -> str:
 
 
 def write(root: Path, stage: str, values: dict, part: str | None = None) -> Path:
-    """Write one headline file; keys outside VOCABULARY and values that are not finite numbers are errors."""
+    """Write one headline file; keys outside VOCABULARY and values that are not numbers are errors, NaN, infinite
+    and None values are left out."""
     unknown = sorted(set(values) - set(VOCABULARY))
     if unknown:
         raise ValueError(f"{stage}: headline metrics {unknown} are not in {VOCABULARY}")
-    bad = {k: v for k, v in values.items() if not isinstance(v, int | float) or not math.isfinite(v)}
+    bad = {k: v for k, v in values.items() if v is not None and not isinstance(v, int | float)}
     if bad:
-        raise ValueError(f"{stage}: headline metrics must be finite numbers, got {bad}")
-    return store.write_json({k: values[k] for k in VOCABULARY if k in values}, root / path(stage, part))
+        raise ValueError(f"{stage}: headline metrics must be numbers, got {bad}")
+    kept = {k: values[k] for k in VOCABULARY if values.get(k) is not None and math.isfinite(values[k])}
+    return store.write_json(kept, root / path(stage, part))
 
 
 def write_parts(root: Path, stage: str, values: dict[str, dict], parts: tuple[str, ...]) -> list[Path]:

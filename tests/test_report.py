@@ -44,8 +44,10 @@ def test_headlines_keep_to_the_vocabulary_and_finite_numbers(tmp_path):
     assert json.loads(path.read_text()) == {"passed": 1, "rows": 3}
     with pytest.raises(ValueError, match="not in"):
         metrics.write(tmp_path, "x", {"survival": 0.5})
-    with pytest.raises(ValueError, match="finite"):
-        metrics.write(tmp_path, "x", {"loss": math.nan})
+    with pytest.raises(ValueError, match="numbers"):
+        metrics.write(tmp_path, "x", {"loss": "0.5"})
+    kept = metrics.write(tmp_path, "x", {"loss": math.nan, "gain": math.inf, "low": None, "high": 0.2})
+    assert json.loads(kept.read_text()) == {"high": 0.2}
     written = metrics.write_parts(tmp_path, "best_of_n", {"i2t": {"gain": 0.1}}, metrics.TASKS)
     assert [json.loads(p.read_text()) for p in written] == [{"gain": 0.1}, {}]
     with pytest.raises(ValueError, match="parts"):
