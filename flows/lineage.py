@@ -15,6 +15,7 @@ import functools
 import hashlib
 import inspect
 import json
+import subprocess
 import time
 from contextlib import chdir
 from dataclasses import dataclass
@@ -163,8 +164,6 @@ def find_producer(mlflow_client, stage: str, digest: str) -> str | None:
 
 def tracked_by_git(root: Path, paths: list[str]) -> bool:
     """Every path is committed in git with no local change (a directory: every file under it)."""
-    import subprocess
-
     if not paths:
         return False
     for path in paths:

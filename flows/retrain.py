@@ -3,7 +3,9 @@
 1. Optionally move new raw inputs from params `retrain.watch_dir` into `prepare_inputs.path` (a folder source).
 2. Run the pipeline flow (DVC reruns what the new inputs or changed params invalidate).
 3. Register the reward model that train_reward logged for `retrain.variant` (a new version, or the existing version
-   when DVC skipped training), and what the stages in `retrain.adapters` produced (DPO LoRA adapters).
+   when DVC skipped training), tagged with its lineage (DVC stage hash, git commit, data digest) and linked to the
+   DPO adapters' logged models, and what the stages in `retrain.adapters` produced. `cyclepref register` (after
+   `make run`) does this step alone, for the outputs dvc.lock records (`register_current`).
 4. Score the challenger and the current `champion` with their MLflow pyfuncs on the frozen benchmark
    (`retrain.benchmark`), pair by pair. `decide` runs a paired test on those same pairs: it promotes only when the
    lower bound of the paired-bootstrap interval (level `retrain.confidence`, `retrain.bootstrap_samples` resamples of
