@@ -1,6 +1,8 @@
 # `make run`: create .venv, install, reproduce the pipeline on the active profile (params.yaml) with MLflow lineage
 #             (`cyclepref repro` = `dvc repro` + a parent run), then register the reward model it trained.
 # `make test`: create .venv, install, run the tests.
+# `make clean`: remove the pipeline's outputs and work store, keeping the MLflow registry (mlflow.db, mlruns/).
+# `make clean-all`: `make clean`, and the MLflow registry with its runs, models and aliases.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +22,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test install bench report clean
+.PHONY: run test install bench report clean clean-all
 
 run: $(STAMP)
 	cyclepref repro
@@ -44,4 +46,7 @@ bench: $(STAMP)
 	for b in bench/bench_*.py; do python $$b || exit 1; done
 
 clean:
-	rm -rf data/world/inputs data/zoo data/prepared data/work data/i2t data/t2i data/pairs data/export data/reward data/downstream mlruns mlflow.db
+	rm -rf data/world/inputs data/zoo data/prepared data/work data/i2t data/t2i data/pairs data/export data/reward data/downstream
+
+clean-all: clean
+	rm -rf mlruns mlflow.db

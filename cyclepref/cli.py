@@ -13,6 +13,7 @@ app.add_typer(profile_app, name="profile")
 
 CONFIGS = Path("configs")
 PARAMS = Path("params.yaml")
+DVC_FILE = Path("dvc.yaml")
 
 
 def _profiles() -> list[str]:
@@ -29,34 +30,45 @@ def profile_list() -> None:
         typer.echo(f"{'*' if name == active else ' '} {name}")
 
 
-@profile_app.command("use")
-def profile_use(name: str = typer.Argument(..., help="Profile name: a file configs/<name>.yaml.")) -> None:
-    """Validate configs/<name>.yaml and copy it over params.yaml (then `dvc repro` reruns what changed)."""
-    from cyclepref.config import ParamsError, load_params
+DVC_FILE_OPTION = typer.Option(DVC_FILE, "--dvc-file", help="The pipeline whose stages' sections must be present.")
 
+
+def _checked(path: Path, dvc_file: Path):
+    """The params of `path`, valid against the schema and holding every section dvc_file's stages read; else exit 2
+    with every bad key or missing section and why."""
+    from cyclepref.config import ParamsError, load_params
+    from cyclepref.profiles import require_sections
+
+    try:
+        params = load_params(path)
+        if dvc_file.exists():
+            require_sections(params, dvc_file, str(path))
+    except ParamsError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    return params
+
+
+@profile_app.command("use")
+def profile_use(
+    name: str = typer.Argument(..., help="Profile name: a file configs/<name>.yaml."), dvc_file: Path = DVC_FILE_OPTION
+) -> None:
+    """Validate configs/<name>.yaml and copy it over params.yaml (then `dvc repro` reruns what changed)."""
     src = CONFIGS / f"{name}.yaml"
     if not src.exists():
         typer.echo(f"no profile {name!r}; available: {', '.join(_profiles())}", err=True)
         raise typer.Exit(2)
-    try:
-        load_params(src)
-    except ParamsError as err:
-        typer.echo(str(err), err=True)
-        raise typer.Exit(2) from None
+    _checked(src, dvc_file)
     shutil.copyfile(src, PARAMS)
     typer.echo(f"params.yaml <- {src}")
 
 
 @profile_app.command("check")
-def profile_check(path: Path = typer.Argument(PARAMS, help="A params file to validate.")) -> None:
-    """Validate a params file against the schema; print every bad key and why."""
-    from cyclepref.config import ParamsError, load_params
-
-    try:
-        params = load_params(path)
-    except ParamsError as err:
-        typer.echo(str(err), err=True)
-        raise typer.Exit(2) from None
+def profile_check(
+    path: Path = typer.Argument(PARAMS, help="A params file to validate."), dvc_file: Path = DVC_FILE_OPTION
+) -> None:
+    """Validate a params file against the schema and the stages of dvc.yaml; print every bad key or missing section."""
+    params = _checked(path, dvc_file)
     typer.echo(f"{path}: valid (profile {params.profile})")
 
 
@@ -93,7 +105,7 @@ def score(
         if images or text:
             typer.echo("--jsonl replaces IMAGE... and --text; give one or the other", err=True)
             raise typer.Exit(2)
-        rows = _jsonl_rows(jsonl)
+        rows = _read_jsonl(jsonl)
         bad = [i + 1 for i, r in enumerate(rows) if not all(isinstance(r.get(k), str) for k in ("image", "text"))]
         if bad:
             typer.echo(f"{jsonl}: lines {bad[:10]} need string fields 'image' and 'text'", err=True)
@@ -119,9 +131,13 @@ def score(
             try:
                 decoded[p] = decode(p)
             except Exception as err:
-                typer.echo(f"{p}: cannot read image ({type(err).__name__}: {err})", err=True)
+                typer.echo(f"{p}: cannot read image ({_one_line(err)})", err=True)
                 raise typer.Exit(2) from None
-    reward = load_reward_model(model)
+    try:
+        reward = load_reward_model(model)
+    except Exception as err:
+        typer.echo(f"--model {model}: cannot load a reward model ({_one_line(err)})", err=True)
+        raise typer.Exit(2) from None
     scores = reward.score([decoded[p] for p in paths], texts, batch_size=batch_size).tolist()
     rows = rows or [{"image": str(p), "text": t} for p, t in zip(paths, texts, strict=True)]
     if fmt == "json":
@@ -130,33 +146,37 @@ def score(
         return
     typer.echo("score\timage\ttext")
     for p, t, s in zip(paths, texts, scores, strict=True):
-        typer.echo(f"{s:.6f}\t{p}\t{_one_line(t)}")
+        typer.echo(f"{s:.6f}\t{p}\t{' '.join(t.split())}")
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _jsonl_rows(path: Path) -> list[dict]:
-    """The JSON object of each non-empty line; a bad line is a one-line error (exit 2)."""
+def _read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a jsonl file; a missing file or a bad line exits 2 with one line naming it."""
     import json
 
-    if not path.is_file():
-        typer.echo(f"{path}: no such file", err=True)
-        raise typer.Exit(2)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, ValueError) as err:
+        typer.echo(f"{path}: cannot read ({_one_line(err)})", err=True)
+        raise typer.Exit(2) from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError as err:
-            typer.echo(f"{path}:{n}: not JSON ({err})", err=True)
+            typer.echo(f"{path}:{n}: not valid JSON ({_one_line(err)})", err=True)
             raise typer.Exit(2) from None
-        if not isinstance(rows[-1], dict):
+        if not isinstance(row, dict):
             typer.echo(f"{path}:{n}: expected a JSON object", err=True)
             raise typer.Exit(2)
+        rows.append(row)
     return rows
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}"
 
 
 def _project(root: Path) -> Path:

@@ -8,7 +8,8 @@ describes each image) -> score_t2i (text similarity of the prompt and each back-
 Every item has a key (hash of input id, model identity, prompt template, seed and generation params); per-item
 generator seeds derive from it. Finished items live in a work store (cyclepref.workstore) so that a stage resumes
 item by item and an added model computes only its own items. Every model is loaded once per stage, only when it
-has work, and every model call is batched.
+has work, and every model call is batched. What a stage publishes from its work store is checked against the table
+contract first (cyclepref.tables.conform_to_contract).
 """
 
 from __future__ import annotations
@@ -106,10 +107,17 @@ def iter_shards(path: Path) -> Iterator[pa.Table]:
 
 
 def write_sharded(ctx: Context, name: str, keys: list[str], schema: pa.Schema, make: Callable) -> list[Path]:
+    """Publish table `name` shard by shard, each shard checked against its contract (keys unique across shards)."""
     out = ctx.path(name)
-    paths = publish(keys, out, schema, IMAGE_ROWS_PER_SHARD, make)
+    tables.require_unique(name, keys)
+    paths = publish(keys, out, schema, IMAGE_ROWS_PER_SHARD, lambda ks: tables.conform_to_contract(name, make(ks)))
     store.write_manifest(out, paths, rows=len(keys))
     return paths
+
+
+def publish_table(ctx: Context, name: str, table: pa.Table) -> Path:
+    """Write table `name` once it conforms to its contract (tables.conform_to_contract)."""
+    return store.write_table(tables.conform_to_contract(name, table), ctx.path(name))
 
 
 # ---------------------------------------------------------------- I2T
@@ -154,8 +162,9 @@ def generate_i2t(ctx: Context, captioners: list[CaptionerSpec], batch_size: int)
                                     reason="caption empty after cleaning"))
             continue
         rows.append({**r, "raw_text": raw_text, "text": text, "text_key": text_key(r["input_id"], text)})
-    cand = store.write_table(pa.Table.from_pylist(rows, schema=tables.I2T_CANDIDATES), ctx.path("i2t_candidates"))
-    q = store.write_table(pa.Table.from_pylist(quarantined, schema=I2T_QUARANTINE), ctx.path("i2t_quarantine"))
+    cand = publish_table(ctx, "i2t_candidates", pa.Table.from_pylist(rows, schema=tables.I2T_CANDIDATES))
+    q = store.write_table(pa.Table.from_pylist(quarantined, schema=I2T_QUARANTINE), ctx.path("i2t_quarantine"),
+                          I2T_QUARANTINE)
     store.write_manifest(cand.parent, [cand, q])
     return {"candidates": len(rows), "computed": computed, "reused": len(plan) - computed,
             "quarantined": len(quarantined)}
@@ -261,7 +270,7 @@ def score_i2t(ctx: Context, metric, batch_size: int) -> dict:
         },
         schema=tables.SCORES,
     )
-    path = store.write_table(out, ctx.path("i2t_scores"))
+    path = publish_table(ctx, "i2t_scores", out)
     store.write_manifest(path.parent, [path], rows=n)
     return {"scores": n, "distinct": len(score_key), "computed": computed, "reused": len(score_key) - computed}
 
@@ -335,7 +344,7 @@ def reconstruct_t2i(ctx: Context, spec: CaptionerSpec, batch_size: int) -> dict:
         ],
         schema=tables.T2I_RECONSTRUCTIONS,
     )
-    path = store.write_table(out, ctx.path("t2i_reconstructions"))
+    path = publish_table(ctx, "t2i_reconstructions", out)
     store.write_manifest(path.parent, [path], rows=out.num_rows)
     empty = sum(1 for t in out.column("text").to_pylist() if not t)
     return {"back_captions": out.num_rows, "computed": computed, "reused": out.num_rows - computed,
@@ -382,7 +391,7 @@ def score_t2i(ctx: Context, metric, batch_size: int) -> dict:
         },
         schema=tables.SCORES,
     )
-    path = store.write_table(out, ctx.path("t2i_scores"))
+    path = publish_table(ctx, "t2i_scores", out)
     store.write_manifest(path.parent, [path], rows=n)
     return {"scores": n, "computed": len(todo), "reused": n - len(todo)}
 

@@ -14,7 +14,8 @@ make_dataset.py writes and their training code pairs up:
 
 Optional "models": [<model name>, ...] aligned with "generations" (without it: "generation-<k>", by position).
 Key aliases: input = image | prompt | real_image | real_text; generations = candidates; scores = dreamsim |
-sbert_score | sbert. Image paths are resolved against `images_root` (default: the directory of the file).
+sbert_score | sbert. Image paths are resolved against `images_root` (default: the directory of the file) and must
+stay inside it (an image path that leads out is quarantined).
 
 Written (under `root`, at the pipeline's paths): inputs and quarantine (prepared like prepare_inputs: RGB PNG,
 content-hash ids), i2t/t2i candidates, i2t/t2i scores (metric dreamsim / sbert). The published split is not kept:
@@ -40,6 +41,7 @@ from cyclepref import inputs as inp
 from cyclepref import store
 from cyclepref.config import PrepareInputs
 from cyclepref.cycle import I2T_QUARANTINE, text_key
+from cyclepref.paths import OutsideRoot, inside
 from cyclepref.workstore import key_of
 from cyclepref.scoring import DIRECTIONS
 from cyclepref.tables import I2T_CANDIDATES, PATHS, SCORES, T2I_CANDIDATES
@@ -116,6 +118,14 @@ def _seeds(models: list[str]) -> list[int]:
     return out
 
 
+def _image_item(source: str, root: Path, relative: object) -> inp.RawItem:
+    """An image named by a record, read only when it resolves inside `root`."""
+    try:
+        return inp.RawItem(source, image=inside(root, str(relative)))
+    except OutsideRoot as err:
+        return inp.RawItem(source, image=None, problem=str(err))
+
+
 def _candidate(
     task: str, base: dict, record: inp.PreparedInput, generation: object, where: str, root: Path,
     prepare: PrepareInputs,
@@ -129,7 +139,7 @@ def _candidate(
             raise inp.InvalidInput("empty caption")
         return {**base, "prompt": "", "raw_text": str(generation), "text": text,
                 "text_key": text_key(record.input_id, text)}
-    image = inp.validate(inp.RawItem(where, image=root / str(generation)), prepare).image
+    image = inp.validate(_image_item(where, root, generation), prepare).image
     return {**base, "prompt": record.prompt, "image": image}
 
 
@@ -154,7 +164,7 @@ def read_task(
             scores = list(_pick(row, SCORE_KEYS, where))
             if len(scores) != len(generations):
                 raise CyclePrefDBError(f"{where}: {len(scores)} scores for {len(generations)} generations")
-            item = inp.RawItem(source, image=root / str(raw_input)) if task == "i2t" else inp.RawItem(
+            item = _image_item(source, root, raw_input) if task == "i2t" else inp.RawItem(
                 source, image=None, prompt=raw_input
             )
             try:

@@ -7,7 +7,11 @@ report format:
 
     {"gate", "table", "success", "rows", "counts": {...}, "thresholds": {...},
      "checks": {<name>: {"severity": "critical"|"warning", "success", "observed", "expected", "source",
-                         "element_count", "unexpected_count", "examples"}}}
+                         "element_count", "unexpected_count", "examples"}},
+     "digest": <sha256 of the table as stored (cyclepref.store.table_digest), added by the gate stage>}
+
+A stage that consumes a gated table calls `require_passed`, which accepts a report only when it passed and its digest
+is the digest of the table as it is now: a table changed after its gate is refused as stale.
 
 `success` is False only when a critical check fails; warnings are reported and never fail a gate.
 Image columns are summarised before validation (`<col>__bytes`, `<col>__png`) so that images never reach pandas.
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -595,16 +599,26 @@ class GateFailed(RuntimeError):
     """A stage was asked to run on a table whose gate failed or never ran."""
 
 
-def require_passed(report_dir: str | Path, names: Iterable[str]) -> None:
-    """Raise GateFailed unless every named gate wrote a passing report (so a stage run alone, e.g. with
-    `dvc repro --single-item`, still never consumes a table that failed its gate)."""
-    for name in names:
+def require_passed(report_dir: str | Path, tables: Mapping[str, str | Path]) -> None:
+    """Raise GateFailed unless every named gate wrote a passing report on the table (gate name -> its path) as it is
+    now, so a stage run alone (e.g. `dvc repro --single-item`) never consumes a table that failed its gate, was
+    never gated, or changed after its gate passed."""
+    from cyclepref.store import table_digest
+
+    for name, table in tables.items():
         path = Path(report_dir) / f"{name}.json"
         if not path.exists():
             raise GateFailed(f"{path} not found: run the gate first (`dvc repro gate@{name}`)")
         report = json.loads(path.read_text())
         if not report.get("success"):
             raise GateFailed(f"gate {name} failed, see {path.with_suffix('.md')}:\n{failure_message(report)}")
+        checked, now = report.get("digest"), table_digest(table)
+        if checked != now:
+            seen = f"digest {checked[:12]}" if isinstance(checked, str) else "no digest"
+            raise GateFailed(
+                f"{path} is stale: gate {name} checked another version of {table} ({seen}, now {now[:12]}); "
+                f"rerun the gate (`dvc repro gate@{name}`)"
+            )
 
 
 # ---------------------------------------------------------------- rendering
@@ -631,6 +645,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"Table `{report['table']}`, {report['rows']} rows. {c['checks']} checks: {c['passed']} passed, "
         f"{c['failed_critical']} critical failure(s), {c['failed_warning']} warning(s).",
+        "",
+        f"Table digest (sha256): `{report.get('digest', 'not recorded')}`.",
         "",
         "| | check | severity | observed | expected | examples |",
         "|---|---|---|---|---|---|",

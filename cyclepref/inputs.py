@@ -2,33 +2,58 @@
 
 Sources (params `prepare_inputs.source`):
 - folder: every image file under `path` (sorted, recursive); optional `texts_file` (relative to `path`) jsonl with
-  {"file": <relative path>, "prompt": <T2I input text>, "caption": <human detailed caption>} per line.
-  Without an image, a jsonl/txt prompts file is also a folder source's `texts_file` (lines with "prompt" but no
-  existing "file" become text-only inputs); a .txt texts file holds one prompt per line.
+  {"file": <relative path>, "prompt": <T2I input text>, "caption": <human detailed caption>, "id": <optional>} per
+  line. Without an image, a jsonl/txt prompts file is also a folder source's `texts_file` (lines with "prompt" but no
+  "file" become text-only inputs); a .txt texts file holds one prompt per line.
 - dci: the DCI download layout: `photos/<image>`, `annotations/<name>.json` ({"image", "short_caption",
   "extra_caption", "summary": str | [str, ...]}), `splits.json` ({"train": [<annotation file>, ...], ...}).
 - hf_datasets: a directory written by `datasets.Dataset(Dict).save_to_disk` with an image and a text column.
 
-Every raw item becomes either a normalised input (RGB, EXIF orientation applied, PNG bytes, id = content hash)
-or a quarantine record (source, reason). Nothing is dropped silently.
+Every raw item becomes either a normalised input or a quarantine record (source, reason; a texts line is named
+`<file>:<line>`), so raw items = inputs + quarantined, always. Paths named by data or found under the folder are read
+only when they resolve inside it (cyclepref.paths). Images: EXIF orientation applied, 16-bit grey scaled to 8 bits,
+alpha composited on BACKGROUND, CMYK / palette converted, animations reduced to their first frame, each change named
+in the `note` column; stored as RGB PNG bytes. Texts: NFC-normalised, control characters and ANSI escape sequences
+removed (noted), white space collapsed. Ids: a row's "id" when given, else the content hash; of several valid items
+with the same content or the same id, KEEP_RULE decides which one is kept and the others are quarantined.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
+import re
+import unicodedata
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
 
 from cyclepref.config import PrepareInputs
+from cyclepref.paths import OutsideRoot, display, inside, relative_key
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SUFFIX_FORMATS = {
+    ".jpg": {"JPEG", "MPO"},
+    ".jpeg": {"JPEG", "MPO"},
+    ".png": {"PNG"},
+    ".webp": {"WEBP"},
+    ".bmp": {"BMP", "DIB"},
+    ".gif": {"GIF"},
+    ".tif": {"TIFF"},
+    ".tiff": {"TIFF"},
+}
+IMAGE_SUFFIXES = set(SUFFIX_FORMATS)
+BACKGROUND = (255, 255, 255)
+"""Transparent pixels are composited on white."""
+KEEP_RULE = "the item with more text (prompt, caption) is kept, on a tie the first source in sort order"
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
 
 INPUTS_SCHEMA = pa.schema(
     [
@@ -39,8 +64,10 @@ INPUTS_SCHEMA = pa.schema(
         pa.field("height", pa.int32(), nullable=True),
         pa.field("prompt", pa.string(), nullable=True),
         pa.field("caption", pa.string(), nullable=True),
+        pa.field("note", pa.string(), nullable=True),
     ]
 )
+"""note: what normalisation changed beyond the routine (e.g. "CMYK converted to RGB"), "; "-separated, else null."""
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -52,12 +79,16 @@ QUARANTINE_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class RawItem:
-    """One item as read from a source, before validation. `image` is a path, raw bytes, a PIL image or None."""
+    """One item as read from a source, before validation. `image` is a path (already contained), raw bytes, a PIL
+    image or None; `row` is the texts line that described it; `problem` a reason found while loading."""
 
     source: str
     image: object | None
     prompt: object | None = None
     caption: object | None = None
+    id: object | None = None
+    row: str | None = None
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,57 +106,137 @@ class PreparedInput:
     height: int | None
     prompt: str | None
     caption: str | None
+    note: str | None = None
+    content: str = ""
+
+
+@dataclass(frozen=True)
+class TextRow:
+    where: str
+    data: dict
 
 
 class InvalidInput(ValueError):
     pass
 
 
+# ---------------------------------------------------------------- texts files
+
+
+def read_texts(path: Path) -> tuple[list[TextRow], list[Quarantined]]:
+    """The rows of a texts file (.jsonl objects, or .txt prompts), each named `<file>:<line>`; a line that is not
+    UTF-8, not JSON or not an object is quarantined with the reason instead."""
+    if not path.is_file():
+        raise FileNotFoundError(f"texts file {path} not found (prepare_inputs.texts_file)")
+    rows, bad = [], []
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        where = f"{display(path.name)}:{n}"
+        try:
+            text = _decode_line(raw.removeprefix(codecs.BOM_UTF8) if n == 1 else raw)
+            if not text.strip():
+                continue
+            rows.append(TextRow(where, {"prompt": text} if path.suffix == ".txt" else _json_object(text)))
+        except InvalidInput as err:
+            bad.append(Quarantined(where, str(err)))
+    return rows, bad
+
+
+def _decode_line(raw: bytes) -> str:
+    try:
+        return raw.removesuffix(b"\r").decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidInput(f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
+
+
+def _json_object(text: str) -> dict:
+    try:
+        row = json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as err:
+        raise InvalidInput(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise InvalidInput("not valid JSON (nested too deeply)") from None
+    if not isinstance(row, dict):
+        raise InvalidInput(f"expected a JSON object, got a JSON {_json_kind(row)}")
+    return row
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise InvalidInput(f"key(s) {repeated} given twice in one object")
+    return dict(pairs)
+
+
+def _json_kind(value: object) -> str:
+    kinds = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 # ---------------------------------------------------------------- loaders
 
 
-def _read_texts_file(path: Path) -> list[dict]:
-    if not path.exists():
-        raise FileNotFoundError(f"texts file {path} not found (prepare_inputs.texts_file)")
-    if path.suffix == ".txt":
-        return [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg}); fix or remove the line") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object per line")
-        rows.append(row)
-    return rows
-
-
-def iter_folder(root: Path, texts_file: Path | None) -> Iterator[RawItem]:
-    """Images under `root` (with texts from `texts_file` when given) and text-only rows of the texts file."""
+def iter_folder(root: Path, texts_file: str | None) -> Iterator[RawItem]:
+    """Images under `root` (with texts from `texts_file`, relative to root, when given) and text-only rows."""
     if not root.is_dir():
         raise FileNotFoundError(f"input folder {root} not found (prepare_inputs.path)")
-    texts = _read_texts_file(texts_file) if texts_file else []
-    by_file: dict[str, dict] = {}
-    for row in texts:
-        if row.get("file") is not None:
-            by_file[str(row["file"])] = row
-    seen: set[str] = set()
-    for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+    rows, bad = read_texts(_texts_path(root, texts_file)) if texts_file else ([], [])
+    yield from (RawItem(q.source, None, problem=q.reason) for q in bad)
+    by_file: dict[str, TextRow] = {}
+    text_only: list[TextRow] = []
+    for row in rows:
+        if row.data.get("file") is None:
+            text_only.append(row)
             continue
-        rel = p.relative_to(root).as_posix()
-        seen.add(rel)
-        row = by_file.get(rel, {})
-        yield RawItem(source=rel, image=p, prompt=row.get("prompt"), caption=row.get("caption"))
-    for n, row in enumerate(texts):
-        f = row.get("file")
-        if f is None:
-            yield RawItem(source=f"{texts_file.name}#{n + 1}", image=None, prompt=row.get("prompt", row.get("text")))
-        elif str(f) not in seen:
-            yield RawItem(source=str(f), image=root / str(f), prompt=row.get("prompt"), caption=row.get("caption"))
+        try:
+            key = _file_key(row.data["file"])
+        except InvalidInput as err:
+            yield RawItem(row.where, None, problem=str(err))
+            continue
+        if key in by_file:
+            yield RawItem(row.where, None, problem=f"second row for file {key} (first: {by_file[key].where})")
+            continue
+        by_file[key] = row
+    found = [p.relative_to(root).as_posix() for p in _image_files(root)]
+    for rel in found:
+        yield _image_item(root, rel, by_file.get(rel))
+    for key in sorted(by_file.keys() - set(found)):
+        yield _image_item(root, key, by_file[key])
+    for row in text_only:
+        d = row.data
+        yield RawItem(row.where, None, prompt=d.get("prompt", d.get("text")), id=d.get("id"), row=row.where)
+
+
+def _texts_path(root: Path, texts_file: str) -> Path:
+    try:
+        return inside(root, texts_file)
+    except OutsideRoot as err:
+        raise ValueError(f"prepare_inputs.texts_file: {err}") from None
+
+
+def _file_key(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"'file' has wrong type {type(value).__name__} (expected a relative path string)")
+    try:
+        return relative_key(value)
+    except OutsideRoot as err:
+        raise InvalidInput(str(err)) from None
+
+
+def _image_files(root: Path) -> list[Path]:
+    """Files and symlinks (broken ones too) with an image suffix under root; symlinked folders are not entered."""
+    return sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_symlink() or p.is_file())
+    )
+
+
+def _image_item(root: Path, rel: str, row: TextRow | None) -> RawItem:
+    d = row.data if row else {}
+    item = RawItem(display(rel), None, d.get("prompt"), d.get("caption"), d.get("id"), row.where if row else None)
+    try:
+        return replace(item, image=inside(root, rel))
+    except OutsideRoot as err:
+        return replace(item, problem=str(err))
 
 
 def iter_dci(root: Path, text: str, split: str) -> Iterator[RawItem]:
@@ -143,26 +254,32 @@ def iter_dci(root: Path, text: str, split: str) -> Iterator[RawItem]:
         splits = json.loads(splits_file.read_text())
         if split not in splits:
             raise ValueError(f"{splits_file}: no split {split!r} (has {sorted(splits)})")
-        names = sorted(splits[split])
+        names = sorted(str(n) for n in splits[split])
     for name in names:
-        ann_path = annotations / name
-        try:
-            ann = json.loads(ann_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            yield RawItem(source=f"annotations/{name}", image=None, prompt=_Unreadable(f"annotation unreadable: {err}"))
-            continue
-        summary = ann.get("summary")
-        if isinstance(summary, list):
-            summary = summary[0] if summary else None
-        prompt = summary if text == "summary" else ann.get("short_caption")
-        caption = " ".join(s for s in (ann.get("short_caption"), ann.get("extra_caption")) if isinstance(s, str))
-        image = ann.get("image")
-        yield RawItem(
-            source=f"photos/{image}" if image else f"annotations/{name}",
-            image=photos / image if image else _Unreadable("annotation has no 'image' key"),
-            prompt=prompt,
-            caption=caption or None,
-        )
+        yield _dci_item(photos, annotations, name, text)
+
+
+def _dci_item(photos: Path, annotations: Path, name: str, text: str) -> RawItem:
+    source = f"annotations/{display(name)}"
+    try:
+        ann = json.loads(inside(annotations, name).read_text())
+    except (OSError, ValueError) as err:
+        return RawItem(source, None, problem=f"annotation unreadable: {err}")
+    if not isinstance(ann, dict):
+        return RawItem(source, None, problem="annotation unreadable: expected a JSON object")
+    summary = ann.get("summary")
+    if isinstance(summary, list):
+        summary = summary[0] if summary else None
+    prompt = summary if text == "summary" else ann.get("short_caption")
+    caption = " ".join(s for s in (ann.get("short_caption"), ann.get("extra_caption")) if isinstance(s, str))
+    image = ann.get("image")
+    if not isinstance(image, str) or not image:
+        return RawItem(source, None, prompt, caption or None, problem="annotation has no 'image' path")
+    item = RawItem(f"photos/{display(image)}", None, prompt, caption or None)
+    try:
+        return replace(item, image=inside(photos, image))
+    except OutsideRoot as err:
+        return replace(item, problem=str(err))
 
 
 def iter_hf_datasets(path: Path, image_column: str, text_column: str, split: str | None) -> Iterator[RawItem]:
@@ -182,40 +299,39 @@ def iter_hf_datasets(path: Path, image_column: str, text_column: str, split: str
     if image_column not in cols and text_column not in cols:
         raise ValueError(f"{path}: neither {image_column!r} nor {text_column!r} in columns {cols}")
     for i, row in enumerate(ds):
-        yield RawItem(source=f"{path.name}[{i}]", image=row.get(image_column), prompt=row.get(text_column))
+        item = RawItem(f"{path.name}[{i}]", None, prompt=row.get(text_column))
+        try:
+            yield replace(item, image=_hf_image(path, row.get(image_column)))
+        except OutsideRoot as err:
+            yield replace(item, problem=str(err))
 
 
-@dataclass(frozen=True)
-class _Unreadable:
-    reason: str
+def _hf_image(root: Path, value: object) -> object:
+    """Image bytes or a decoded image as they are; a path (a string or a dict without bytes) contained in root."""
+    if isinstance(value, dict) and not value.get("bytes"):
+        value = value.get("path")
+    return inside(root, value) if isinstance(value, str) else value
 
 
 def iter_source(cfg: PrepareInputs, root: Path = Path(".")) -> Iterator[RawItem]:
     path = root / cfg.path
     if cfg.source == "folder":
-        return iter_folder(path, path / cfg.texts_file if cfg.texts_file else None)
+        return iter_folder(path, cfg.texts_file)
     if cfg.source == "dci":
         return iter_dci(path, cfg.dci_text, cfg.split)
     return iter_hf_datasets(path, cfg.hf_image_column, cfg.hf_text_column, cfg.hf_split)
 
 
-# ---------------------------------------------------------------- validation / normalisation
+# ---------------------------------------------------------------- images
 
 
 def _open_image(image: object) -> Image.Image:
-    if isinstance(image, _Unreadable):
-        raise InvalidInput(image.reason)
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, dict) and "bytes" in image:
         image = image["bytes"]
-    if isinstance(image, Path | str):
-        p = Path(image)
-        if not p.exists():
-            raise InvalidInput("file not found")
-        if p.stat().st_size == 0:
-            raise InvalidInput("empty file (0 bytes)")
-        data = p.read_bytes()
+    if isinstance(image, Path):
+        data = _read_file(image)
     elif isinstance(image, bytes | bytearray):
         if not image:
             raise InvalidInput("empty image bytes")
@@ -227,39 +343,118 @@ def _open_image(image: object) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.load()
-    except Image.DecompressionBombWarning as err:
-        raise InvalidInput(f"image too large: {err}") from None
-    except Image.DecompressionBombError as err:
-        raise InvalidInput(f"image too large: {err}") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise InvalidInput(f"image too large (decompression bomb guard): {err}") from None
     except Image.UnidentifiedImageError:
         raise InvalidInput("not an image (cannot identify image file)") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    except Exception as err:
         raise InvalidInput(f"unreadable image: {err}") from None
     return img
 
 
-def normalise_image(img: Image.Image) -> Image.Image:
-    """Apply EXIF orientation and convert to RGB (transparent pixels composited on white)."""
+def _read_file(path: Path) -> bytes:
+    if not path.exists():
+        raise InvalidInput("file not found")
+    if not path.is_file():
+        raise InvalidInput("not a regular file")
+    if path.stat().st_size == 0:
+        raise InvalidInput("empty file (0 bytes)")
+    return path.read_bytes()
+
+
+def normalise(img: Image.Image) -> tuple[Image.Image, list[str]]:
+    """RGB image and notes of what was changed beyond EXIF orientation: first frame of an animation, 16-bit grey
+    scaled to 8 bits, CMYK or palette converted, alpha composited on BACKGROUND."""
+    notes = []
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"animated ({frames} frames): first frame kept")
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        img = _grey_to_8bit(img)
+        notes.append("16-bit grey scaled to 8 bits")
+    if img.mode == "CMYK":
+        notes.append("CMYK converted to RGB")
+    elif img.mode == "P":
+        notes.append("palette converted to RGB")
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            notes.append("alpha composited on white")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba)
+    return img.convert("RGB"), notes
 
 
-def _clean_text(value: object, field: str, max_chars: int) -> str | None:
+def normalise_image(img: Image.Image) -> Image.Image:
+    """`normalise` without the notes."""
+    return normalise(img)[0]
+
+
+def _grey_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grey (I;16*, or I holding 0..65535) -> L by value / 257; float grey in [0, 1] -> L by value * 255."""
+    a = np.asarray(img).astype(np.float64)
+    low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode == "F":
+        if low < 0.0 or high > 1.0:
+            raise InvalidInput(f"float image values {low:g}..{high:g} outside 0..1")
+        return Image.fromarray(np.round(a * 255.0).astype(np.uint8), "L")
+    if low < 0 or high > 65535:
+        raise InvalidInput(f"32-bit image values {low:g}..{high:g} outside the 16-bit range")
+    return Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")
+
+
+def load_image(image: object, max_pixels: int) -> tuple[Image.Image, list[str]]:
+    """Open and normalise; any failure of a hostile or broken file becomes InvalidInput with the reason."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    img = _open_image(image)
+    try:
+        rgb, notes = normalise(img)
+    except InvalidInput:
+        raise
+    except Exception as err:
+        raise InvalidInput(f"unreadable image: {type(err).__name__}: {err}") from None
+    return rgb, _extension_note(image, img.format) + notes
+
+
+def _extension_note(image: object, fmt: str | None) -> list[str]:
+    if not isinstance(image, Path) or fmt is None:
+        return []
+    suffix = image.suffix.lower()
+    return [] if fmt in SUFFIX_FORMATS.get(suffix, {fmt}) else [f"{fmt} content in a {suffix} file"]
+
+
+# ---------------------------------------------------------------- texts and ids
+
+
+def clean_text(value: object, field: str, max_chars: int, notes: list[str] | None = None) -> str | None:
+    """NFC-normalised text without control characters or ANSI escapes, white space collapsed; removals are noted."""
     if value is None:
         return None
-    if isinstance(value, _Unreadable):
-        raise InvalidInput(value.reason)
     if not isinstance(value, str):
         raise InvalidInput(f"{field} has wrong type {type(value).__name__} (expected a string)")
-    text = " ".join(value.split())
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise InvalidInput(f"{field} is not valid Unicode (lone surrogate)")
+    text = ANSI_ESCAPE.sub("", unicodedata.normalize("NFC", value))
+    text = "".join(c for c in text if c.isspace() or unicodedata.category(c) != "Cc")
+    removed = len(unicodedata.normalize("NFC", value)) - len(text)
+    text = " ".join(text.split())
     if not text:
-        raise InvalidInput(f"{field} is empty")
+        raise InvalidInput(f"{field} is empty" + (" after removing control characters" if removed else ""))
     if len(text) > max_chars:
         raise InvalidInput(f"{field} too long ({len(text)} > {max_chars} characters)")
+    if removed and notes is not None:
+        notes.append(f"{removed} control character(s) and escape codes removed from {field}")
+    return text
+
+
+def explicit_id(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidInput(f"id has wrong type {type(value).__name__} (expected a string or an integer)")
+    text = str(value)
+    if not ID_PATTERN.fullmatch(text):
+        raise InvalidInput(f"id {text[:40]!r} is not 1-128 of A-Z a-z 0-9 . _ - (starting with a letter or digit)")
     return text
 
 
@@ -270,7 +465,7 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def content_id(image: bytes | None, prompt: str | None) -> str:
-    """Stable input id: sha256 of the normalised content (pixels and/or prompt), 16 hex digits."""
+    """Stable content hash: sha256 of the normalised content (pixels, else prompt), 16 hex digits."""
     h = hashlib.sha256()
     if image is not None:
         h.update(b"image\0" + hashlib.sha256(image).digest())
@@ -279,40 +474,73 @@ def content_id(image: bytes | None, prompt: str | None) -> str:
     return h.hexdigest()[:16]
 
 
+# ---------------------------------------------------------------- validation and duplicates
+
+
 def validate(item: RawItem, cfg: PrepareInputs) -> PreparedInput:
-    prompt = _clean_text(item.prompt, "prompt", cfg.max_text_chars)
-    caption = _clean_text(item.caption, "caption", cfg.max_text_chars)
+    if item.problem:
+        raise InvalidInput(item.problem)
+    notes: list[str] = []
+    prompt = clean_text(item.prompt, "prompt", cfg.max_text_chars, notes)
+    caption = clean_text(item.caption, "caption", cfg.max_text_chars, notes)
+    given_id = explicit_id(item.id)
     data = width = height = None
     if item.image is not None:
-        Image.MAX_IMAGE_PIXELS = cfg.max_pixels
-        img = normalise_image(_open_image(item.image))
+        img, image_notes = load_image(item.image, cfg.max_pixels)
         width, height = img.size
         if min(width, height) < cfg.min_side:
             raise InvalidInput(f"image too small ({width}x{height}, min side {cfg.min_side})")
         data = png_bytes(img)
+        notes = image_notes + notes
     elif prompt is None:
         raise InvalidInput("neither an image nor a prompt")
-    return PreparedInput(content_id(data, prompt), item.source, data, width, height, prompt, caption)
+    content = content_id(data, prompt)
+    note = "; ".join(notes) or None
+    return PreparedInput(given_id or content, item.source, data, width, height, prompt, caption, note, content)
+
+
+def _preference(r: PreparedInput) -> tuple[int, str]:
+    return -((r.prompt is not None) + (r.caption is not None)), r.source
+
+
+def resolve_duplicates(records: list[PreparedInput]) -> tuple[list[PreparedInput], list[Quarantined]]:
+    """Of records with the same content or the same input_id, keep one by KEEP_RULE; quarantine the others."""
+    kept: list[PreparedInput] = []
+    dropped: list[Quarantined] = []
+    by_content: dict[str, PreparedInput] = {}
+    by_id: dict[str, PreparedInput] = {}
+    for r in sorted(records, key=_preference):
+        if r.content in by_content:
+            first = by_content[r.content]
+            dropped.append(Quarantined(r.source, f"duplicate of {first.source} ({first.input_id}): {KEEP_RULE}"))
+        elif r.input_id in by_id:
+            first = by_id[r.input_id]
+            dropped.append(Quarantined(r.source, f"duplicate id {r.input_id!r} (kept {first.source}): {KEEP_RULE}"))
+        else:
+            kept.append(r)
+            by_content[r.content] = by_id[r.input_id] = r
+    return kept, dropped
 
 
 def prepare(items: Iterator[RawItem], cfg: PrepareInputs) -> tuple[list[PreparedInput], list[Quarantined]]:
-    """Validate every item; duplicates by content id are quarantined with the id of the kept item."""
-    kept: dict[str, PreparedInput] = {}
+    """Validate every item and resolve duplicates; every item ends up in exactly one of the two lists."""
+    valid: list[PreparedInput] = []
     quarantined: list[Quarantined] = []
     for item in items:
         try:
-            rec = validate(item, cfg)
+            valid.append(validate(item, cfg))
         except InvalidInput as err:
-            quarantined.append(Quarantined(item.source, str(err)))
-            continue
-        if rec.input_id in kept:
-            quarantined.append(Quarantined(item.source, f"duplicate of {kept[rec.input_id].source} ({rec.input_id})"))
-            continue
-        kept[rec.input_id] = rec
-    records = sorted(kept.values(), key=lambda r: r.input_id)
-    if cfg.limit is not None:
-        records = records[: cfg.limit]
-    return records, quarantined
+            row = f" ({item.row})" if item.row and item.row != item.source else ""
+            quarantined.append(Quarantined(item.source, f"{err}{row}"))
+    kept, duplicates = resolve_duplicates(valid)
+    return sorted(kept, key=lambda r: r.input_id), quarantined + duplicates
+
+
+def apply_limit(records: list[PreparedInput], limit: int | None) -> tuple[list[PreparedInput], int]:
+    """The first `limit` records (by input_id) and how many were left out."""
+    if limit is None:
+        return records, 0
+    return records[:limit], max(len(records) - limit, 0)
 
 
 def inputs_table(records: list[PreparedInput]) -> pa.Table:

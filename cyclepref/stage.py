@@ -10,29 +10,39 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cyclepref.config import Params, ParamsError, load_params
+from cyclepref.profiles import require_sections
+
+DVC_FILE = "dvc.yaml"
 
 log = logging.getLogger("cyclepref")
 
 
 def main(stage: str, run: Callable[[Params, Path], dict], params_path: str = "params.yaml") -> dict:
-    """Run `run(params, root)` for one stage inside its MLflow run; exit 2 on a params error."""
+    """Run `run(params, root)` for one stage inside its MLflow run; exit 2 with one line on a params error, including
+    a section that dvc.yaml lists for this stage but the profile lacks."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(os.environ.get("CYCLEPREF_LOG_LEVEL", "INFO"))
     root = Path.cwd()
     try:
         params = load_params(root / params_path)
+        if (root / DVC_FILE).exists():
+            require_sections(params, root / DVC_FILE, params_path, [stage])
     except ParamsError as err:
-        print(f"{stage}: {err}", file=sys.stderr)
+        print(f"{stage}: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     from cyclepref.tracking import stage_run
 
     started = time.perf_counter()
-    with stage_run(stage, getattr(params, stage, None), params.profile) as mlrun:
-        summary = run(params, root)
-        summary["seconds"] = round(time.perf_counter() - started, 2)
-        import mlflow
+    try:
+        with stage_run(stage, getattr(params, stage, None), params.profile) as mlrun:
+            summary = run(params, root)
+            summary["seconds"] = round(time.perf_counter() - started, 2)
+            import mlflow
 
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
-        summary["mlflow_run_id"] = mlrun.info.run_id
+            mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
+            summary["mlflow_run_id"] = mlrun.info.run_id
+    except ParamsError as err:
+        print(f"{stage}: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if k != "mlflow_run_id"))
     return summary

@@ -91,7 +91,7 @@ def conform(table: pa.Table, schema: pa.Schema, name: str) -> pa.Table:
     table = table.select(schema.names)
     try:
         table = table.cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+    except (ValueError, pa.ArrowNotImplementedError) as err:
         raise SchemaError(f"{name}: cannot cast to schema: {err}") from None
     for field in schema:
         if not field.nullable and table.column(field.name).null_count:
@@ -130,6 +130,19 @@ def file_digest(path: str | Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def table_digest(path: str | Path) -> str:
+    """sha256 of a table as stored: of the file, or (a sharded table) of its part-*.parquet names and digests."""
+    path = Path(path)
+    if not path.is_dir():
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: table not found (has the stage that writes it run? try `dvc repro`)")
+        return file_digest(path)
+    h = hashlib.sha256()
+    for part in sorted(path.glob("part-*.parquet")):
+        h.update(f"{part.name}:{file_digest(part)}\n".encode())
     return h.hexdigest()
 
 

@@ -10,10 +10,15 @@ score_t2i        data/t2i/scores/scores.parquet          SCORES (task = "t2i")
 build_pairs      data/pairs/pairs.parquet                PAIRS
 Images are PNG bytes inside the tables; image tables are directories of shards (part-NNNNN.parquet, readable as
 one table with pyarrow.parquet.read_table(dir)); every output directory has a manifest.
+A stage checks what it publishes with `conform_to_contract`: the schema's columns and types, no nulls in non-null
+fields, a unique key, finite numbers.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
+import numpy as np
 import pyarrow as pa
 
 
@@ -118,3 +123,43 @@ PATHS = {
     "t2i_scores": "data/t2i/scores/scores.parquet",
     "pairs": "data/pairs/pairs.parquet",
 }
+
+CONTRACTS: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
+    "i2t_candidates": (I2T_CANDIDATES, ("candidate_id",)),
+    "i2t_reconstructions": (I2T_RECONSTRUCTIONS, ("text_key",)),
+    "i2t_scores": (SCORES, ("candidate_id",)),
+    "t2i_candidates": (T2I_CANDIDATES, ("candidate_id",)),
+    "t2i_reconstructions": (T2I_RECONSTRUCTIONS, ("candidate_id",)),
+    "t2i_scores": (SCORES, ("candidate_id",)),
+    "pairs": (PAIRS, ("pair_id",)),
+}
+"""table (a key of PATHS) -> (schema, key columns)."""
+
+
+class ContractError(ValueError):
+    """A table a stage is about to publish that breaks its contract."""
+
+
+def conform_to_contract(name: str, table: pa.Table) -> pa.Table:
+    """`table` cast to the schema of contract `name`; raises ContractError naming the table and the broken rule.
+    For a sharded table call it per shard and check key uniqueness across shards with `require_unique`."""
+    from cyclepref.store import SchemaError, conform
+
+    schema, key = CONTRACTS[name]
+    try:
+        table = conform(table, schema, name)
+    except SchemaError as err:
+        raise ContractError(f"refusing to publish {err}") from None
+    require_unique(name, list(zip(*(table.column(c).to_pylist() for c in key), strict=True)))
+    for f in schema:
+        if pa.types.is_floating(f.type):
+            bad = int(np.count_nonzero(~np.isfinite(table.column(f.name).to_numpy(zero_copy_only=False))))
+            if bad:
+                raise ContractError(f"refusing to publish {name}: {bad} non-finite {f.name} value(s)")
+    return table
+
+
+def require_unique(name: str, keys: list) -> None:
+    repeated = [k for k, n in Counter(keys).items() if n > 1]
+    if repeated:
+        raise ContractError(f"refusing to publish {name}: {len(repeated)} key(s) repeated, e.g. {repeated[0]}")

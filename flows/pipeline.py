@@ -3,8 +3,8 @@
 Each task runs `dvc repro --single-item <stage>` in its own process group, so a stage has a hard timeout (the whole
 group is killed) and its GPU memory is freed when the process exits. DVC decides whether a stage runs or is skipped
 as up to date; Prefect caching is off (the only cache is DVC's). Only transient failures are retried (timeouts,
-processes killed by a signal, DVC lock contention, connection errors); a failed data-quality gate, a config error
-and any other stage error fail the flow at once. MLflow lineage: see flows/lineage.py.
+processes killed by a signal, DVC lock contention, connection errors); a failed data-quality gate, a config error,
+running out of memory and any other stage error fail the flow at once. MLflow lineage: see flows/lineage.py.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ TRANSIENT_EXCEPTIONS = (
     "ConnectionAbortedError",
     "BrokenPipeError",
     "TimeoutError",
-    "OutOfMemoryError",
 )
+OUT_OF_MEMORY_EXCEPTIONS = ("OutOfMemoryError", "MemoryError")
 KILLED_CODES = {137, 143}
 
 
@@ -69,6 +69,12 @@ class GateFailed(StageError):
     """A data-quality gate failed a critical check; its report is reports/dq/<gate>.json."""
 
     kind = "gate failed"
+
+
+class OutOfMemory(StageFailed):
+    """The stage ran out of memory (CUDA or host): a retry with the same settings fails the same way."""
+
+    kind = "out of memory"
 
 
 class TransientStageError(StageError):
@@ -172,6 +178,9 @@ def classify(stage: str, returncode: int, output: str, root: Path) -> StageError
         return ConfigError(stage, f"invalid configuration (exit {status})", output)
     if code == 1 and _gate_failed(root, stage):
         return GateFailed(stage, f"data-quality gate failed, see {gate_report_path(root, stage)}", output)
+    if set(exceptions) & set(OUT_OF_MEMORY_EXCEPTIONS) or "CUDA out of memory" in output:
+        return OutOfMemory(stage, "out of memory: lower the stage's batch_size in params or use a larger device "
+                           "(not retried: the same settings fail the same way)", output)
     if exceptions and exceptions[-1] in TRANSIENT_EXCEPTIONS:
         return TransientStageError(stage, f"transient {exceptions[-1]}", output)
     return StageFailed(stage, f"stage command failed (exit {status})", output)

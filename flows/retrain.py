@@ -1,6 +1,7 @@
 """The retraining flow: ingest new inputs -> pipeline -> register -> compare challenger and champion -> promote.
 
-1. Optionally move new raw inputs from params `retrain.watch_dir` into `prepare_inputs.path` (a folder source).
+1. Optionally move new raw inputs from params `retrain.watch_dir` into `prepare_inputs.path` (a folder source),
+   atomically, quarantining what may not be read (cyclepref.ingest).
 2. Run the pipeline flow (DVC reruns what the new inputs or changed params invalidate).
 3. Register the reward model that train_reward logged for `retrain.variant` (a new version, or the existing version
    when DVC skipped training), tagged with its lineage (DVC stage hash, git commit, data digest) and linked to the
@@ -20,9 +21,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from cyclepref.ingest import ingest_inputs
 from cyclepref.stats import mcnemar_p, paired_bootstrap
 from flows import lineage
 from flows.pipeline import PipelineResult, pipeline
@@ -128,55 +127,6 @@ class RetrainResult:
     benchmark_digest: str = "absent"
     ingested: dict[str, int] = field(default_factory=dict)
     adapters: dict[str, list[str]] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- ingestion
-
-
-def ingest_inputs(watch_dir: Path, inputs_dir: Path, texts_file: str | None) -> dict[str, int]:
-    """Move new raw inputs from `watch_dir` into `inputs_dir/incoming/<stamp>/`.
-
-    Images anywhere under watch_dir are copied (same relative paths); rows of watch_dir/texts.jsonl are appended to
-    inputs_dir/<texts_file> with their "file" rewritten. The originals then move to watch_dir/.ingested/<stamp>/,
-    so nothing is ingested twice. Returns counts of images and text rows."""
-    from cyclepref.inputs import IMAGE_SUFFIXES
-
-    if not watch_dir.is_dir():
-        return {"images": 0, "texts": 0}
-    images = sorted(
-        p for p in watch_dir.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and ".ingested" not in p.relative_to(watch_dir).parts
-    )
-    texts = watch_dir / "texts.jsonl"
-    if not images and not texts.exists():
-        return {"images": 0, "texts": 0}
-    if texts.exists() and (texts_file is None or not texts_file.endswith(".jsonl")):
-        raise ValueError(f"{texts}: new texts need prepare_inputs.texts_file to be a .jsonl file, got {texts_file!r}")
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    dest = Path("incoming") / stamp
-    for src in images:
-        target = inputs_dir / dest / src.relative_to(watch_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
-    rows = []
-    if texts.exists():
-        for n, line in enumerate(texts.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError(f"{texts}:{n}: expected a JSON object per line")
-            if row.get("file") is not None:
-                row["file"] = (dest / str(row["file"])).as_posix()
-            rows.append(row)
-        with open(inputs_dir / str(texts_file), "a") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    done = watch_dir / ".ingested" / stamp
-    for src in [*images, *([texts] if texts.exists() else [])]:
-        target = done / src.relative_to(watch_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(src, target)
-    return {"images": len(images), "texts": len(rows)}
 
 
 # ---------------------------------------------------------------- registry

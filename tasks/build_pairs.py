@@ -1,6 +1,6 @@
 """Stage build_pairs: preference pairs from the cycle scores of every task in params build_pairs.tasks.
 
-Runs only after the gates of those score tables passed.
+Runs only after the gates of those score tables passed on the tables as they are now.
 Outputs: data/pairs/pairs.parquet (PAIRS), data/pairs/manifest.json, reports/pairs.json (drop counts, survival, split
 sizes, margin statistics and per-model win rates per task), reports/metrics/build_pairs_<task>.json (DVC metric).
 """
@@ -11,24 +11,21 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from cyclepref import gates, metrics, stage, store
+from cyclepref import metrics, stage, store, tables
 from cyclepref.config import Params, require
 from cyclepref.pairs import build_pairs, pair_stats
 from cyclepref.tables import PAIRS, PATHS, SCORES
-from tasks.gate import REPORT_DIR
+from tasks.gate import require_gates
 
 METRICS = "reports/pairs.json"
 
 
 def run(params: Params, root: Path) -> dict:
     cfg = require(params.build_pairs, "build_pairs")
-    try:
-        gates.require_passed(root / REPORT_DIR, [f"{task}_scores" for task in cfg.tasks])
-    except gates.GateFailed as err:
-        raise SystemExit(f"build_pairs: {err}") from None
+    require_gates("build_pairs", root, [f"{task}_scores" for task in cfg.tasks])
     scores = pa.concat_tables([store.read_table(root / PATHS[f"{task}_scores"], SCORES) for task in cfg.tasks])
     pairs, counts = build_pairs(scores, cfg)
-    out = store.write_table(pairs, root / PATHS["pairs"], PAIRS)
+    out = store.write_table(tables.conform_to_contract("pairs", pairs), root / PATHS["pairs"], PAIRS)
     stats = pair_stats(pairs, counts, cfg.tie_gap)
     report = store.write_json(stats, root / METRICS)
     metrics.write_parts(root, "build_pairs", metrics.pairs(stats), metrics.TASKS)

@@ -11,22 +11,19 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cyclepref import gates, stage, store
+from cyclepref import stage, store
 from cyclepref.config import Params, require
 from cyclepref.export import provenance, write_export
 from cyclepref.tables import PAIRS, PATHS
 from tasks.build_pairs import METRICS
-from tasks.gate import REPORT_DIR
+from tasks.gate import require_gates
 
 EXPORT_DIR = "data/export/dataset"
 
 
 def run(params: Params, root: Path) -> dict:
     cfg = require(params.export_dataset, "export_dataset")
-    try:
-        gates.require_passed(root / REPORT_DIR, ["pairs"])
-    except gates.GateFailed as err:
-        raise SystemExit(f"export_dataset: {err}") from None
+    require_gates("export_dataset", root, ["pairs"])
     pairs = store.read_table(root / PATHS["pairs"], PAIRS)
     tasks = set(pairs.column("task").to_pylist())
     inputs = pq.read_table(root / PATHS["inputs"], columns=["input_id", "image", "prompt"])

@@ -3,16 +3,17 @@
     python -m tasks.gate <name>      name in: inputs, i2t_candidates, i2t_reconstructions, t2i_candidates,
                                      t2i_reconstructions, i2t_scores, t2i_scores, pairs
 
-Outputs: reports/dq/<name>.json and .md (the report), reports/metrics/gate_<name>.json (DVC metric: passed, rows,
-warnings). Thresholds: params `gates.<name>`.
+Outputs: reports/dq/<name>.json (the report, with the digest of the table it checked) and .md,
+reports/metrics/gate_<name>.json (DVC metric: passed, rows, warnings). Thresholds: params `gates.<name>`. Stages that
+consume a gated table call `require_gates`.
 A failed gate exits 1 after writing its report and printing the failing checks, so DVC runs nothing downstream.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-
 
 from cyclepref import gates, metrics, stage, store
 from cyclepref.config import Gates, Params, require
@@ -34,12 +35,29 @@ GATES: dict[str, tuple[str, dict[str, str]]] = {
 """gate name -> (the table it validates, {keyword: upstream table it is checked against}), as keys of PATHS."""
 
 
+def table_path(name: str, root: Path) -> Path:
+    """Where the table that gate `name` validates lives under `root`."""
+    return root / PATHS[GATES[name][0]]
+
+
 def evaluate(name: str, root: Path, thresholds: Gates) -> dict:
-    """The report of gate `name` on the tables under `root`."""
+    """The report of gate `name` on the tables under `root`, with the digest of the table it checked."""
     table_key, related = GATES[name]
-    table = gates.read_gate_table(root / PATHS[table_key])
+    digest = store.table_digest(table_path(name, root))
+    table = gates.read_gate_table(table_path(name, root))
     upstream = {kw: gates.read_gate_table(root / PATHS[key]) for kw, key in related.items()}
-    return gates.check(name, table, getattr(thresholds, name), PATHS[table_key], **upstream)
+    report = gates.check(name, table, getattr(thresholds, name), PATHS[table_key], **upstream)
+    if store.table_digest(table_path(name, root)) != digest:
+        raise SystemExit(f"gate@{name}: {PATHS[table_key]} changed while it was checked; rerun the gate")
+    return report | {"digest": digest}
+
+
+def require_gates(stage: str, root: Path, names: Iterable[str]) -> None:
+    """Exit with one line unless each named gate passed on its table as it is now (see gates.require_passed)."""
+    try:
+        gates.require_passed(root / REPORT_DIR, {name: table_path(name, root) for name in names})
+    except gates.GateFailed as err:
+        raise SystemExit(f"{stage}: {err}") from None
 
 
 def write_report(report: dict, root: Path) -> tuple[Path, Path]:

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from cyclepref import cycle, runtime, stage, tracking
 from cyclepref.config import Params, require
+from tasks.gate import require_gates
 
 
 def run(params: Params, root: Path) -> dict:
     cfg = require(params.generate_i2t, "generate_i2t")
+    require_gates("generate_i2t", root, ["inputs"])
     ctx = cycle.Context(root, runtime.device())
     summary = cycle.generate_i2t(ctx, cfg.captioners, cfg.batch_size)
     tracking.log_examples("generate_i2t", cycle.examples(ctx, "generate_i2t"))

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from cyclepref import cycle, runtime, stage, tracking
 from cyclepref.config import Params, require
+from tasks.gate import require_gates
 
 
 def run(params: Params, root: Path) -> dict:
     cfg = require(params.generate_t2i, "generate_t2i")
+    require_gates("generate_t2i", root, ["inputs"])
     ctx = cycle.Context(root, runtime.device())
     summary = cycle.generate_t2i(ctx, cfg.models, cfg.seeds, cfg.batch_size)
     tracking.log_examples("generate_t2i", cycle.examples(ctx, "generate_t2i"))

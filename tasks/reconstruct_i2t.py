@@ -9,10 +9,12 @@ from pathlib import Path
 
 from cyclepref import cycle, runtime, stage, tracking
 from cyclepref.config import Params, require
+from tasks.gate import require_gates
 
 
 def run(params: Params, root: Path) -> dict:
     cfg = require(params.reconstruct_i2t, "reconstruct_i2t")
+    require_gates("reconstruct_i2t", root, ["i2t_candidates"])
     ctx = cycle.Context(root, runtime.device())
     summary = cycle.reconstruct_i2t(ctx, cfg.model, cfg.batch_size)
     tracking.log_examples("reconstruct_i2t", cycle.examples(ctx, "reconstruct_i2t"))

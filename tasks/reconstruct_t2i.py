@@ -9,10 +9,12 @@ from pathlib import Path
 
 from cyclepref import cycle, runtime, stage, tracking
 from cyclepref.config import Params, require
+from tasks.gate import require_gates
 
 
 def run(params: Params, root: Path) -> dict:
     cfg = require(params.reconstruct_t2i, "reconstruct_t2i")
+    require_gates("reconstruct_t2i", root, ["t2i_candidates"])
     ctx = cycle.Context(root, runtime.device())
     summary = cycle.reconstruct_t2i(ctx, cfg.captioner, cfg.batch_size)
     tracking.log_examples("reconstruct_t2i", cycle.examples(ctx, "reconstruct_t2i"))

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from cyclepref import cycle, runtime, stage, tracking
 from cyclepref.config import Params, require
+from tasks.gate import require_gates
 
 
 def run(params: Params, root: Path) -> dict:
     cfg = require(params.score_i2t, "score_i2t")
+    require_gates("score_i2t", root, ["i2t_reconstructions"])
     ctx = cycle.Context(root, runtime.device())
     summary = cycle.score_i2t(ctx, cfg.metric, cfg.batch_size)
     tracking.log_examples("score_i2t", cycle.examples(ctx, "score_i2t"))

@@ -23,13 +23,9 @@ def require_pairs_gate(stage_name: str, data, root: Path) -> None:
     """Pairs read from the pipeline tables must have passed gate@pairs (as build_pairs requires its gates)."""
     if data.source != "tables":
         return
-    from cyclepref import gates
-    from tasks.gate import REPORT_DIR
+    from tasks.gate import require_gates
 
-    try:
-        gates.require_passed(root / REPORT_DIR, ["pairs"])
-    except gates.GateFailed as err:
-        raise SystemExit(f"{stage_name}: {err}") from None
+    require_gates(stage_name, root, ["pairs"])
 
 
 def _log_to_mlflow(metrics: dict[str, float], step: int) -> None:

@@ -164,7 +164,7 @@ def test_retrain_flow_ingests_registers_and_records_the_decision(prefect_api, ml
     client = MlflowClient(mlflow_uri)
 
     first = retrain(root=str(project), trigger="test", stage_retries=0)
-    assert first.ingested == {"images": 0, "texts": 1}
+    assert first.ingested == {"images": 0, "texts": 1, "quarantined": 0}
     assert (project / "data/inputs/texts.jsonl").read_text() == '{"prompt": "a red cube"}\n'
     assert (first.challenger_version, first.champion_version, first.decision.promote) == ("1", None, False)
     assert "benchmark missing" in first.decision.reason
@@ -180,7 +180,7 @@ def test_retrain_flow_ingests_registers_and_records_the_decision(prefect_api, ml
     assert "kept the champion" in Artifact.get("retrain-decision").data
 
     second = retrain(root=str(project), trigger="test", stage_retries=0)
-    assert second.ingested == {"images": 0, "texts": 0}
+    assert second.ingested == {"images": 0, "texts": 0, "quarantined": 0}
     assert second.challenger_version == "1"
     assert len(client.search_model_versions("name = 'cyclereward'")) == 1
     [skipped] = lineage.children(client, second.pipeline_run_id)
@@ -257,12 +257,12 @@ def test_ingest_moves_new_inputs_once(tmp_path):
     (watch / "batch" / "new.png").write_bytes(b"png")
     (watch / "texts.jsonl").write_text('{"file": "batch/new.png", "prompt": "new"}\n{"prompt": "text only"}\n')
 
-    assert ingest_inputs(watch, inputs, "texts.jsonl") == {"images": 1, "texts": 2}
+    assert ingest_inputs(watch, inputs, "texts.jsonl") == {"images": 1, "texts": 2, "quarantined": 0}
     rows = [json.loads(line) for line in (inputs / "texts.jsonl").read_text().splitlines()]
     assert rows[0]["file"] == "images/old.jpg" and rows[2] == {"prompt": "text only"}
     assert (inputs / rows[1]["file"]).read_bytes() == b"png" and rows[1]["file"].startswith("incoming/")
     assert not (watch / "texts.jsonl").exists() and list((watch / ".ingested").rglob("new.png"))
-    assert ingest_inputs(watch, inputs, "texts.jsonl") == {"images": 0, "texts": 0}
+    assert ingest_inputs(watch, inputs, "texts.jsonl") == {"images": 0, "texts": 0, "quarantined": 0}
     (watch / "texts.jsonl").write_text('{"prompt": "x"}\n')
     with pytest.raises(ValueError, match="jsonl"):
         ingest_inputs(watch, inputs, None)

@@ -241,9 +241,9 @@ def test_gate_stage_writes_reports_and_exits_nonzero_on_failure(tmp_path, mlflow
     assert report["success"] is False and report["checks"]["score_finite"]["unexpected_count"] == bad_scores.num_rows
     assert (tmp_path / "reports/dq/t2i_scores.md").read_text().startswith("# Data-quality gate `t2i_scores`: FAILED")
     with pytest.raises(gates.GateFailed, match="gate t2i_scores failed"):
-        gates.require_passed(tmp_path / "reports/dq", ["i2t_scores", "t2i_scores"])
+        gates.require_passed(tmp_path / "reports/dq", {n: tmp_path / PATHS[n] for n in ("i2t_scores", "t2i_scores")})
     with pytest.raises(gates.GateFailed, match="dvc repro gate@pairs"):
-        gates.require_passed(tmp_path / "reports/dq", ["pairs"])
+        gates.require_passed(tmp_path / "reports/dq", {"pairs": tmp_path / PATHS["pairs"]})
 
 
 def test_unknown_gate_name_is_a_usage_error():

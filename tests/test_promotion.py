@@ -343,3 +343,26 @@ def test_dpo_adapters_are_registered_once_per_producing_run(registry, tmp_path):
     assert version.run_id == run.info.run_id and version.source.endswith("/adapter")
     assert version.tags["cyclepref.stage"] == "dpo_vlm"
     assert registry.client.get_registered_model("cyclepref-dpo-vlm").aliases == {}
+
+
+def _sandbox_outcomes(records: list[dict], judge) -> np.ndarray:
+    return np.array([judge(r) for r in records], dtype=np.float64)
+
+
+def test_promotion_on_the_committed_sandbox_benchmark(registry):
+    """On the frozen ground-truth benchmark the default profile promotes on: a challenger that ranks every pair as the
+    ground truth does is promoted over raw cycle consistency as champion; an identical challenger is not."""
+    bench = Path(__file__).resolve().parents[1] / "data/benchmarks/sandbox/pairs.jsonl"
+    records = [json.loads(line) for line in bench.read_text().splitlines()]
+    assert {r["task"] for r in records} == {"i2t", "t2i"} and len(records) >= 200
+    assert all(r["meta"]["chosen_f1"] > r["meta"]["rejected_f1"] for r in records)
+    cycle = _sandbox_outcomes(records, lambda r: float(np.sign(r["chosen_cycle_score"] - r["rejected_cycle_score"])
+                                                       + 1) / 2)
+    oracle = np.ones(len(records))
+    cfg = Retrain(registered_model=NAME, benchmark=str(bench), margin=MARGIN)
+    _promote(registry, registry.trained(cycle), cfg)
+    same = _promote(registry, registry.trained(cycle.copy()), cfg)
+    assert not same.decision.promote and registry.aliases()[CHAMPION] == "1"
+    better = _promote(registry, registry.trained(oracle), cfg)
+    assert better.decision.promote and registry.aliases()[CHAMPION] == "3"
+    assert better.decision.comparison.low > 0

@@ -29,6 +29,7 @@ from cyclepref.reward import REPORTS, model_dir
 from cyclepref.reward.model import RewardModel
 from cyclepref.reward.pyfunc import log_reward_model
 from cyclepref.reward.synthetic import colour_pairs
+from cyclepref.store import table_digest
 
 
 def write_benchmark(root) -> str:
@@ -84,7 +85,8 @@ def test_stages_train_evaluate_log_and_score_from_the_registry(zoo, mlflow_uri, 
 
     with pytest.raises(SystemExit, match="train_reward: gate pairs failed"):
         stage.main("train_reward", train_reward.run)
-    (root / "reports" / "dq" / "pairs.json").write_text(json.dumps({"success": True}))
+    digest = table_digest(root / "data/pairs/pairs.parquet")
+    (root / "reports" / "dq" / "pairs.json").write_text(json.dumps({"success": True, "digest": digest}))
     summary = stage.main("train_reward", train_reward.run)
     assert (root / model_dir("combo") / "model.safetensors").exists()
     metrics = json.loads((root / REPORTS["train"]).read_text())

@@ -105,4 +105,4 @@ def test_score_input_errors_are_one_line_with_exit_2(reward_dir, tmp_path, monke
         out = CliRunner().invoke(app, args)
         assert out.exit_code == 2, name
         assert len(out.output.strip().splitlines()) == 1 and "Traceback" not in out.output, name
-    assert "batch.jsonl:2: not JSON" in CliRunner().invoke(app, cases["bad-line"]).output
+    assert "batch.jsonl:2: not valid JSON" in CliRunner().invoke(app, cases["bad-line"]).output

@@ -1,6 +1,7 @@
 """External preference benchmarks in one pair format, and converters from published layouts.
 
-Pair format: a jsonl file, one pair per line, images as files (paths relative to the jsonl's directory):
+Pair format: a jsonl file, one pair per line, images as files (paths relative to the jsonl's directory, never leaving
+it):
   {"id": "...", "task": "i2t", "image": "images/<file>", "chosen": "<caption>", "rejected": "<caption>"}
   {"id": "...", "task": "t2i", "prompt": "<text>", "chosen": "images/<file>", "rejected": "images/<file>"}
 Optional keys: "group" (the shared input; default: the image / prompt), "chosen_cycle_score",
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cyclepref.paths import OutsideRoot, inside
 from cyclepref.reward import Task
 from cyclepref.reward.data import PairExample, decode
 from cyclepref.scoring import oriented
@@ -57,12 +59,12 @@ class JsonlPairSet:
         r = self.records[index]
         if self.task == "i2t":
             return PairExample(
-                r["id"], "i2t", r.get("group", r["image"]), decode(self.base / r["image"]), None, r["chosen"],
+                r["id"], "i2t", r.get("group", r["image"]), decode(inside(self.base, r["image"])), None, r["chosen"],
                 r["rejected"],
             )
         return PairExample(
-            r["id"], "t2i", r.get("group", r["prompt"]), None, r["prompt"], decode(self.base / r["chosen"]),
-            decode(self.base / r["rejected"]),
+            r["id"], "t2i", r.get("group", r["prompt"]), None, r["prompt"], decode(inside(self.base, r["chosen"])),
+            decode(inside(self.base, r["rejected"])),
         )
 
     def cycle_scores(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -75,6 +77,8 @@ class JsonlPairSet:
 
 
 REQUIRED = {"i2t": ("id", "image", "chosen", "rejected"), "t2i": ("id", "prompt", "chosen", "rejected")}
+IMAGE_KEYS = {"i2t": ("image",), "t2i": ("chosen", "rejected")}
+"""Image paths must resolve inside the pairs file's directory."""
 
 
 def load_benchmark(path: str | Path) -> dict[Task, JsonlPairSet]:
@@ -96,6 +100,11 @@ def load_benchmark(path: str | Path) -> dict[Task, JsonlPairSet]:
         missing = [k for k in REQUIRED[task] if not isinstance(rec.get(k), str) or not rec[k]]
         if missing:
             raise BenchmarkFormatError(f"{path}:{n}: {task} pair needs non-empty string(s) {missing}")
+        for key in IMAGE_KEYS[task]:
+            try:
+                inside(path.parent, rec[key])
+            except OutsideRoot as err:
+                raise BenchmarkFormatError(f"{path}:{n}: {key}: {err}") from None
         by_task[task].append(rec)
     return {t: JsonlPairSet(t, recs, path.parent) for t, recs in by_task.items() if recs}
 

@@ -7,7 +7,8 @@ Rows with identical image bytes are decoded once and their image is encoded once
 that is not a readable PNG / JPEG, a null or empty text) fails the request with HTTP 400 and one line naming the
 row and the cause, without a stack trace. The model directory
 travels as the artifact `reward_model`; the cyclepref package travels as code, so loading needs only the pinned
-requirements. The model is logged from code (cyclepref/reward/pyfunc_entry.py), so loading it unpickles nothing.
+requirements. The model is logged from code (cyclepref/reward/pyfunc_entry.py), so loading it unpickles nothing, and
+`load_reward_model` reads only the MLmodel file of a model that is not one of these before refusing it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 ARTIFACT = "reward_model"
+ENTRY = "pyfunc_entry.py"
+CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
+METADATA = {"cyclepref_model": "reward"}
 REQUIREMENTS = (
     "torch",
     "torchvision",
@@ -144,23 +148,55 @@ def log_reward_model(model_dir: str | Path, name: str = "reward_model", input_ex
         input_example=input_example,
         pip_requirements=pinned_requirements(),
         code_paths=[str(package)],
+        metadata=METADATA,
     )
 
 
+class RewardModelError(ValueError):
+    """A location that holds no cyclepref reward model: missing, unreadable, or another kind of model."""
+
+
+def check_reward_mlmodel(uri: str) -> None:
+    """Raise RewardModelError unless the MLmodel file at `uri` (the only file read) describes a reward model logged
+    by `log_reward_model`: the pyfunc flavor built from code (ENTRY, no pickled python model), the `reward_model`
+    artifact, and METADATA when the model carries metadata."""
+    from mlflow.models import Model
+
+    try:
+        mlmodel = Model.load(uri)
+    except Exception as err:
+        raise RewardModelError(f"{uri}: no readable MLflow model ({type(err).__name__}: {err})") from None
+    flavor = mlmodel.flavors.get("python_function") or {}
+    problems = []
+    if flavor.get("loader_module") != CODE_LOADER:
+        problems.append(f"loader {flavor.get('loader_module')!r}")
+    if "python_model" in flavor:
+        problems.append("a pickled python model")
+    if Path(str(flavor.get("model_code_path", ""))).name != ENTRY:
+        problems.append(f"code {flavor.get('model_code_path')!r}")
+    if ARTIFACT not in (flavor.get("artifacts") or {}):
+        problems.append(f"no {ARTIFACT!r} artifact")
+    if mlmodel.metadata and any(mlmodel.metadata.get(k) != v for k, v in METADATA.items()):
+        problems.append(f"metadata {mlmodel.metadata!r}")
+    if problems:
+        raise RewardModelError(f"{uri}: not a cyclepref reward model ({'; '.join(problems)}); nothing was loaded")
+
+
 def load_reward_model(uri: str):
-    """A RewardModel from a directory, an MLflow model directory, or an MLflow URI (models:/name@alias, runs:/...)."""
+    """A RewardModel from a directory, an MLflow model directory, or an MLflow URI (models:/name@alias, runs:/...).
+    An MLflow model is checked (check_reward_mlmodel) before anything of it is loaded; RewardModelError otherwise."""
     from cyclepref.reward.model import CONFIG_FILE, RewardModel
 
     path = Path(uri)
     if path.is_dir() and (path / CONFIG_FILE).exists():
         return RewardModel.from_pretrained(path)
     if "://" not in uri and not uri.startswith(("models:", "runs:")) and not path.exists():
-        raise FileNotFoundError(f"{uri}: no such model directory (or pass an MLflow URI such as models:/name@alias)")
+        raise RewardModelError(f"{uri}: no such model directory (or pass an MLflow URI such as models:/name@alias)")
     from cyclepref.tracking import use_store
 
     use_store()
-    loaded = mlflow.pyfunc.load_model(uri)
-    wrapped = loaded.unwrap_python_model()
+    check_reward_mlmodel(uri)
+    wrapped = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     if not isinstance(wrapped, RewardPyfunc):
-        raise TypeError(f"{uri}: not a cyclepref reward model (python model is {type(wrapped).__name__})")
+        raise RewardModelError(f"{uri}: not a cyclepref reward model (python model is {type(wrapped).__name__})")
     return wrapped.model

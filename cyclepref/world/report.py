@@ -240,7 +240,9 @@ def markdown(report: dict, examples: list[str]) -> str:
     lines = ["# Sandbox report: cycle consistency against ground truth", "",
              "Every number here is judged by the world's ground truth (parsed scenes, attribute-level F1), not by "
              "a model of the pipeline. Intervals are 95% (Wilson for shares, bootstrap over inputs for means).", "",
-             f"Inputs with ground truth: {report['inputs_with_truth']}.", "",
+             f"Inputs with ground truth: {report['inputs_with_truth']}."
+             + ("" if report["inputs_with_truth"] else " These inputs are not sandbox scenes, so (a), (c), (d) and (e) "
+                "cannot be judged; the benchmark (b) still can."), "",
              "## (a) Do cycle preferences agree with ground truth?", "",
              "Share of the pipeline's preference pairs (data/pairs, all splits) whose preferred candidate also has "
              "the higher ground-truth F1; pairs whose candidates have equal F1 are ties and left out.", "",
