@@ -1,4 +1,5 @@
-# `make run`: create .venv, install, reproduce the pipeline on the active profile (params.yaml).
+# `make run`: create .venv, install, reproduce the pipeline on the active profile (params.yaml) with MLflow lineage
+#             (`cyclepref repro` = `dvc repro` + a parent run), then register the reward model it trained.
 # `make test`: create .venv, install, run the tests.
 # `make clean`: remove the pipeline's outputs and work store, keeping the MLflow registry (mlflow.db, mlruns/).
 # `make clean-all`: `make clean`, and the MLflow registry with its runs, models and aliases.
@@ -21,13 +22,17 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test install bench clean clean-all
+.PHONY: run test install bench report clean clean-all
 
 run: $(STAMP)
-	dvc repro
+	cyclepref repro
+	cyclepref register
 
 test: $(STAMP)
 	python -m pytest
+
+report: $(STAMP)
+	cyclepref report
 
 install: $(STAMP)
 

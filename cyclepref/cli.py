@@ -86,6 +86,10 @@ def score(
         'prints each line with "score" added.'
     ),
     batch_size: int = typer.Option(32, min=1, help="Pairs per forward pass."),
+    fmt: str | None = typer.Option(
+        None, "--format", help="tsv: a header line, then score, image, text per pair (default); json: one JSON "
+        "object per pair (default with --jsonl: each input line with \"score\" added)."
+    ),
 ) -> None:
     """Print reward scores (higher = better aligned) for image-text pairs."""
     import json
@@ -93,6 +97,10 @@ def score(
     from cyclepref.reward.data import decode
     from cyclepref.reward.pyfunc import load_reward_model
 
+    fmt = fmt or ("json" if jsonl is not None else "tsv")
+    if fmt not in ("tsv", "json"):
+        typer.echo(f"--format must be tsv or json, got {fmt!r}", err=True)
+        raise typer.Exit(2)
     if jsonl is not None:
         if images or text:
             typer.echo("--jsonl replaces IMAGE... and --text; give one or the other", err=True)
@@ -105,6 +113,7 @@ def score(
         paths = [jsonl.parent / r["image"] for r in rows]
         texts = [r["text"] for r in rows]
     else:
+        rows = None
         paths, texts = list(images or []), list(text or [])
         if not paths or not texts:
             typer.echo("give IMAGE... and --text (or --jsonl FILE)", err=True)
@@ -130,12 +139,14 @@ def score(
         typer.echo(f"--model {model}: cannot load a reward model ({_one_line(err)})", err=True)
         raise typer.Exit(2) from None
     scores = reward.score([decoded[p] for p in paths], texts, batch_size=batch_size).tolist()
-    if jsonl is not None:
+    rows = rows or [{"image": str(p), "text": t} for p, t in zip(paths, texts, strict=True)]
+    if fmt == "json":
         for row, s in zip(rows, scores, strict=True):
             typer.echo(json.dumps(row | {"score": s}, ensure_ascii=False))
-    else:
-        for p, t, s in zip(paths, texts, scores, strict=True):
-            typer.echo(f"{s:.6f}\t{p}\t{t}")
+        return
+    typer.echo("score\timage\ttext")
+    for p, t, s in zip(paths, texts, scores, strict=True):
+        typer.echo(f"{s:.6f}\t{p}\t{' '.join(t.split())}")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -208,6 +219,73 @@ def pipeline_cmd(
     for o in result.outcomes:
         typer.echo(f"{o.stage}\t{o.status}\t{o.seconds:.1f}s\t{o.child_run_id}")
     typer.echo(f"MLflow pipeline run: {result.parent_run_id}")
+
+
+@app.command("repro")
+def repro_cmd(
+    targets: list[str] | None = typer.Argument(None, help="Stages or outputs for `dvc repro` (default: all)."),
+    root: Path = ROOT_OPTION,
+) -> None:
+    """`dvc repro` with MLflow lineage: one parent run, every stage a child (executed, or skipped and pointing to
+    the run that made its outputs). `make run` runs this, then `cyclepref register`."""
+    root = _project(root)
+    from cyclepref.config import ParamsError
+    from flows.repro import repro
+
+    try:
+        result = repro(root, list(targets or []))
+    except ParamsError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    ran = sum(s == "executed" for s in result.statuses.values())
+    typer.echo(f"MLflow run {result.parent_run_id}: {ran} stage(s) run, {len(result.statuses) - ran} up to date")
+    if result.returncode:
+        raise typer.Exit(result.returncode)
+
+
+@app.command("register")
+def register_cmd(root: Path = ROOT_OPTION) -> None:
+    """Register the reward model of the current DVC outputs (one version per output, tagged with the DVC stage hash,
+    git commit and data digest) and link the DPO adapters to it. No alias moves: see `cyclepref retrain`."""
+    root = _project(root)
+    from contextlib import chdir
+
+    from cyclepref.config import ParamsError, load_params, require
+    from flows import lineage
+    from flows.retrain import register_current
+
+    try:
+        cfg = require(load_params(root / "params.yaml").retrain, "retrain")
+    except ParamsError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    with chdir(root):
+        try:
+            reg = register_current(lineage.client(root), root, cfg)
+        except LookupError as err:
+            typer.echo(f"nothing registered: {err}", err=True)
+            return
+    state = "registered" if reg.created else "already registered"
+    linked = ", ".join(f"{s} {m}" for s, m in reg.adapters.items()) or "none"
+    typer.echo(f"{reg.name} version {reg.version} {state} (train run {reg.train_run_id}; adapters: {linked})")
+
+
+@app.command("report")
+def report_cmd(
+    root: Path = ROOT_OPTION,
+    out: Path = typer.Option(Path("reports/report.html"), "--out", "-o", help="Where to write the page."),
+    examples: int = typer.Option(3, min=0, help="Inputs shown per task with their candidates."),
+) -> None:
+    """Write one offline HTML page (images embedded, no network): headline numbers, gates, examples with their
+    cycle scores, reward accuracies, Best-of-N curves."""
+    root = _project(root)
+    from cyclepref import store
+    from cyclepref.report import build
+
+    path = out if out.is_absolute() else root / out
+    with store.atomic_path(path) as tmp:
+        tmp.write_text(build(root, examples))
+    typer.echo(str(path))
 
 
 @app.command("retrain")

@@ -9,12 +9,23 @@ Runtime settings (device, workers, timeouts) are deliberately absent: they come 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 DType = Literal["float32", "float16", "bfloat16"]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class Section(BaseModel):
@@ -74,7 +85,7 @@ class TextMetricSpec(Section):
 class BootstrapModels(Section):
     """Builds the offline tiny model zoo (data/models/<name>) from configs. Empty `build` builds nothing."""
 
-    seed: int = 0
+    seed: NonNegativeInt = 0
     build: list[Literal["llava", "blip", "sd", "sd3", "blip_itm", "open_clip", "sbert"]] = Field(
         default_factory=list
     )
@@ -87,7 +98,7 @@ class WorldCaptionerTraining(Section):
     scenes: int = Field(10000, gt=0, description="Distinct training scenes (never pipeline or benchmark scenes).")
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0.0)
-    steps: list[int] = Field(min_length=1, description="Increasing steps at which a captioner is saved.")
+    steps: list[PositiveInt] = Field(min_length=1, description="Increasing steps at which a captioner is saved.")
 
 
 class WorldClipTraining(Section):
@@ -107,7 +118,7 @@ class WorldT2ITraining(Section):
     lr: float = Field(1e-3, gt=0.0)
     vae_steps: int = Field(gt=0)
     vae_lr: float = Field(1e-3, gt=0.0)
-    steps: list[int] = Field(min_length=1, description="Increasing steps at which a pipeline is saved.")
+    steps: list[PositiveInt] = Field(min_length=1, description="Increasing steps at which a pipeline is saved.")
 
 
 class WorldBlipTraining(Section):
@@ -122,7 +133,7 @@ class WorldBlipTraining(Section):
 class WorldTraining(Section):
     """Training of the sandbox's world models (stage train_world@<model>), all from `seed`."""
 
-    seed: int = 0
+    seed: NonNegativeInt = 0
     captioner: WorldCaptionerTraining
     clip: WorldClipTraining
     t2i: WorldT2ITraining
@@ -133,14 +144,14 @@ class WorldScenes(Section):
     """How many scenes of one part of the world are drawn, and from which seed."""
 
     n: int = Field(gt=0)
-    seed: int = 0
+    seed: NonNegativeInt = 0
 
 
 class WorldBenchmark(WorldScenes):
     """The frozen ground-truth benchmark (make_benchmark): held-out scenes, candidates from every world model
     (captioners greedy; text-to-image models once per seed), raw cycle scores from the last of each ladder."""
 
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0, 1], min_length=1)
     max_new_tokens: int = Field(48, gt=0, description="Captioning budget of the world captioners.")
     steps: int = Field(10, gt=0, description="Denoising steps of the world text-to-image models.")
     guidance: float = Field(3.0, ge=0.0)
@@ -200,7 +211,7 @@ class GenerateT2I(Section):
     """T2I forward: every text-to-image model renders every prompt once per seed."""
 
     models: list[T2ISpec] = Field(min_length=1)
-    seeds: list[int] = Field(min_length=1)
+    seeds: list[NonNegativeInt] = Field(min_length=1)
     batch_size: int = Field(4, gt=0)
 
     @model_validator(mode="after")
@@ -356,7 +367,13 @@ class ExportDataset(Section):
 
     name: str = Field("cyclepref", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$", description="Dataset name.")
     rows_per_shard: int = Field(2000, gt=0, description="Pairs per parquet shard.")
-    license: str = Field("other", min_length=1, description="Card licence id; generated data inherits model terms.")
+    license: str = Field(
+        "other",
+        min_length=1,
+        description="Card licence id (Hugging Face licence ids: cc-by-4.0, cc0-1.0, other, ...), chosen for the "
+        "inputs and the models that generated the pairs; `other` says their own terms apply.",
+    )
+    license_note: str | None = Field(None, description="A sentence on the licence for the card (why, whose terms).")
     embed_images: bool = Field(
         True,
         description="True: PNG bytes in every row (datasets.Image). False: each image written once under images/ "
@@ -372,7 +389,7 @@ class RewardBackbone(Section):
 
     path: str = Field(min_length=1, description="BLIP ITM checkpoint: hub id or local directory (save_pretrained).")
     revision: str | None = Field(None, description="Hub revision; ignored for local directories.")
-    head_widths: list[int] | None = Field(
+    head_widths: list[PositiveInt] | None = Field(
         None,
         min_length=1,
         description="Hidden widths of the MLP head. None: the paper's 1024, 128, 64, 16 scaled by the backbone's "
@@ -408,13 +425,13 @@ class TrainReward(Section):
     model: RewardBackbone
     data: RewardData = Field(default_factory=RewardData)
     variants: list[RewardVariant] = Field(min_length=1, description="i2t, t2i and/or combo; each is trained.")
-    seed: int = 0
+    seed: NonNegativeInt = 0
     epochs: int = Field(2, gt=0)
     batch_size: int = Field(128, gt=0, description="Pairs per device per micro-batch (paper: 128).")
     grad_accum: int = Field(2, gt=0, description="Micro-batches per optimizer step (paper: 2).")
-    lr: dict[RewardVariant, float] = Field(description="Peak learning rate per variant (paper: 2e-5, T2I 3e-5).")
-    weight_decay: dict[RewardVariant, float] = Field(description="AdamW weight decay per variant (paper: 0, T2I 1e-4).")
-    betas: tuple[float, float] = (0.9, 0.999)
+    lr: dict[RewardVariant, PositiveFloat] = Field(description="Peak learning rate per variant (paper: 2e-5, T2I 3e-5).")
+    weight_decay: dict[RewardVariant, NonNegativeFloat] = Field(description="AdamW weight decay per variant (paper: 0, T2I 1e-4).")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     eps: float = Field(1e-8, gt=0.0)
     combo_ratio: float = Field(1.0, ge=0.0, description="Combo loss = loss_i2t * ratio + loss_t2i.")
     validations_per_epoch: int = Field(4, gt=0)
@@ -455,7 +472,7 @@ class EvaluateReward(Section):
     benchmarks: list[RewardBenchmark] = Field(default_factory=list)
     clip: str | None = Field(None, description="open_clip model for the CLIPScore baseline; None = no CLIPScore.")
     batch_size: int = Field(32, gt=0)
-    seed: int = Field(0, description="Seed of the random baseline.")
+    seed: NonNegativeInt = Field(0, description="Seed of the random baseline.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> EvaluateReward:
@@ -493,7 +510,7 @@ class BestOfN(Section):
     scene of the input (`truth`); `second_evaluator` (a model) is reported beside it."""
 
     tasks: list[DownstreamTask] = Field(default_factory=lambda: ["i2t", "t2i"], min_length=1)
-    n: list[int] = Field(min_length=1, description="Increasing candidate counts, e.g. [1, 2, 4, 8, 16].")
+    n: list[PositiveInt] = Field(min_length=1, description="Increasing candidate counts, e.g. [1, 2, 4, 8, 16].")
     captioner: CaptionerSpec | None = Field(None, description="i2t: the sampled captioner.")
     temperature: float = Field(1.0, ge=0.0, description="i2t sampling temperature; 0 = greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="i2t nucleus sampling mass.")
@@ -562,7 +579,7 @@ class DpoVlm(Section):
     )
     max_pairs: int | None = Field(None, gt=0, description="Use the first N train pairs (by pair_id).")
     gradient_checkpointing: bool = False
-    seed: int = 0
+    seed: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _family(self) -> DpoVlm:
@@ -587,7 +604,7 @@ class DiffusionDpo(Section):
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     resolution: int | None = Field(None, gt=0, multiple_of=8, description="Training side; None = model.height.")
     max_pairs: int | None = Field(None, gt=0, description="Use the first N train pairs (by pair_id).")
-    seed: int = 0
+    seed: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _family(self) -> DiffusionDpo:
@@ -608,7 +625,7 @@ class EvaluateDownstream(Section):
         None, description="Sandbox input folder holding scenes.jsonl (e.g. data/world/inputs); evaluator ground_truth."
     )
     second_evaluator: ModelJudge | None = Field(None, description="A model evaluator reported beside (model-judged).")
-    seeds: list[int] = Field(
+    seeds: list[NonNegativeInt] = Field(
         default_factory=lambda: [0],
         min_length=1,
         description="t2i: images per held-out prompt, one per seed (mixed into the per-item key); the per-prompt "

@@ -2,7 +2,8 @@
 
 Layout (loadable with `datasets.load_dataset(<dir>, "i2t")` / `"t2i"`, or pushed to the Hub as is):
 
-    <dir>/README.md                          dataset card: YAML configs + counts and statistics
+    <dir>/README.md                          dataset card: YAML configs, provenance (profile, models, pair rule and
+                                             thresholds), counts, statistics and the licence
     <dir>/i2t/<split>-<k>-of-<n>.parquet     image, preferred_text, rejected_text, ...
     <dir>/t2i/<split>-<k>-of-<n>.parquet     prompt, preferred_image, rejected_image, ...
     <dir>/_manifest.json                     every file's size and sha256, row counts
@@ -16,7 +17,6 @@ and are listed with 0 pairs in the card.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -143,6 +143,7 @@ def write_export(
     candidates: dict[str, pa.Table],
     cfg: ExportDataset,
     stats: dict | None = None,
+    provenance: dict | None = None,
 ) -> dict:
     """Write the export directory atomically (temporary directory, then swapped in); returns the counts.
 
@@ -151,7 +152,7 @@ def write_export(
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = store.temp_dir(out_dir)
     try:
         counts, files = {}, []
         for task in sorted(set(pairs.column("task").to_pylist())):
@@ -172,7 +173,7 @@ def write_export(
                 if not cfg.embed_images:
                     files += source.write_images(tmp, cfg.rows_per_shard)
         card = tmp / "README.md"
-        card.write_text(dataset_card(cfg, counts, stats))
+        card.write_text(dataset_card(cfg, counts, stats, provenance))
         store.write_manifest(tmp, [*files, card], counts=counts)
         _swap_in(tmp, out_dir)
     finally:
@@ -199,8 +200,71 @@ def _size_category(n: int) -> str:
     return "1M<n<10M"
 
 
-def dataset_card(cfg: ExportDataset, counts: dict[str, dict], stats: dict | None = None) -> str:
-    """README.md: YAML header (configs per task with the non-empty splits) and counts and statistics."""
+def provenance(params) -> dict:
+    """What produced the pairs, for the card: the profile, every model by name and path, the pair rule's settings."""
+
+    def models(specs) -> dict[str, str]:
+        return {m.name: m.path for m in specs}
+
+    out: dict = {"profile": params.profile, "inputs": params.prepare_inputs.path}
+    if params.generate_i2t is not None:
+        out["i2t"] = {"forward": models(params.generate_i2t.captioners),
+                      "backward": models([params.reconstruct_i2t.model]) if params.reconstruct_i2t else {},
+                      "metric": params.score_i2t.metric.kind if params.score_i2t else None}
+    if params.generate_t2i is not None:
+        out["t2i"] = {"forward": models(params.generate_t2i.models), "seeds": list(params.generate_t2i.seeds),
+                      "backward": models([params.reconstruct_t2i.captioner]) if params.reconstruct_t2i else {},
+                      "metric": params.score_t2i.metric.kind if params.score_t2i else None}
+    if params.build_pairs is not None:
+        out["rule"] = params.build_pairs.model_dump(mode="json")
+    return out
+
+
+def _provenance_section(p: dict) -> list[str]:
+    lines = ["## Provenance", "", f"- profile `{p['profile']}`, inputs `{p['inputs']}`"]
+    for task, what in (("i2t", "captioners"), ("t2i", "text-to-image models")):
+        if task in p:
+            t = p[task]
+            forward = ", ".join(f"`{n}` ({path})" for n, path in t["forward"].items())
+            backward = ", ".join(f"`{n}` ({path})" for n, path in t["backward"].items())
+            seeds = f", seeds {t['seeds']}" if "seeds" in t else ""
+            lines.append(f"- {task}: forward {what} {forward}{seeds}; backward {backward}; similarity `{t['metric']}`")
+    rule = p.get("rule")
+    if rule:
+        limits = ", ".join(f"{k} {v}" for k, v in rule["quality_limits"].items() if v is not None) or "none"
+        split = rule["split"]
+        lines += [
+            "",
+            "Pair rule (PAPER.md §3): every unordered pair of an input's candidates; the candidate with the better "
+            "cycle score (in the metric's direction) is `preferred`. Dropped: pairs of equal texts, near-ties "
+            f"(|score difference| < {rule['tie_gap']} metric units), and pairs whose preferred candidate is worse "
+            f"than the quality limit ({limits}). Split by input (hash with salt `{split['salt']}`): "
+            f"train {split['train']}, valid {split['valid']}, test {split['test']}.",
+        ]
+    return [*lines, ""]
+
+
+MEANING = (
+    "What the numbers mean: a pair's `margin` is |preferred score - rejected score| in the metric's own units (a "
+    "confidence, not a probability); a model's win rate is the share of its pairs in which it was preferred."
+)
+
+
+def _licence_section(cfg: ExportDataset) -> list[str]:
+    lines = ["## Licence", "", f"`{cfg.license}`."]
+    if cfg.license_note:
+        lines.append(cfg.license_note)
+    if cfg.license == "other":
+        lines.append("The inputs keep their own licences and the generated texts and images the terms of the models "
+                     "listed under Provenance.")
+    return [*lines, ""]
+
+
+def dataset_card(
+    cfg: ExportDataset, counts: dict[str, dict], stats: dict | None = None, provenance: dict | None = None
+) -> str:
+    """README.md: YAML header (configs per task with the non-empty splits), provenance, counts, statistics and the
+    licence."""
     total = sum(c["pairs"] for per_split in counts.values() for c in per_split.values())
     configs = []
     for task, per_split in counts.items():
@@ -242,8 +306,11 @@ def dataset_card(cfg: ExportDataset, counts: dict[str, dict], stats: dict | None
         for split in SPLITS:
             lines.append(f"| {task} | {split} | {per_split[split]['pairs']} | {per_split[split]['inputs']} |")
     lines += ["", f"Total: {total} pairs.", ""]
+    if provenance:
+        lines += _provenance_section(provenance)
     if stats:
-        lines += _stats_section(stats)
+        lines += [*_stats_section(stats), MEANING, ""]
+    lines += _licence_section(cfg)
     return "\n".join(lines) + "\n"
 
 

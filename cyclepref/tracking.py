@@ -1,21 +1,39 @@
 """MLflow tracking for stages: one run per stage execution.
 
 Under plain `dvc repro` a stage logs a top-level run; when the Prefect pipeline sets CYCLEPREF_PARENT_RUN_ID the
-stage's run becomes a child of the pipeline run. Registry writes never happen here (only in flows/retrain.py).
+stage's run becomes a child of the pipeline run. Registry writes never happen here (only in flows/).
+
+The local store is portable: mlflow.db holds artifact locations relative to the project root ("mlruns/<id>/..."),
+so a moved or copied project keeps every run, artifact and registered model. MLflow writes absolute locations when
+it creates an experiment; `use_store` turns the ones under the project's mlruns/ into relative ones (also those of
+a store made before, or of a moved one). MLflow resolves relative locations against the working directory, so its
+clients (stages, flows, `mlflow ui`, `mlflow models serve`) run from the project root. A team shares a tracking
+server with proxied artifacts instead (README).
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel
 
 EXPERIMENT = "cyclepref"
+ARTIFACT_ROOT = "mlruns"
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+LOCATION_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+)
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -24,6 +42,83 @@ def tracking_uri(root: Path | None = None) -> str:
         return uri
     root = root or Path.cwd()
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def project_prefix(location: str, root: Path) -> str | None:
+    """The part of an absolute artifact location `<dir>/mlruns/<experiment id>` before "mlruns/", when it belongs to
+    the project at `root`: <dir> is the root, or <dir>/mlruns/<id> is gone while root/mlruns/<id> exists (moved)."""
+    path = PurePosixPath(location.removeprefix("file://"))
+    if not path.is_absolute() or path.parent.name != ARTIFACT_ROOT:
+        return None
+    here = Path(path.parent.parent) == root.resolve()
+    moved = not Path(path).exists() and (root / ARTIFACT_ROOT / path.name).exists()
+    if not (here or moved):
+        return None
+    return location[: -len(f"{ARTIFACT_ROOT}/{path.name}")]
+
+
+def make_relative(db: Path, root: Path) -> int:
+    """Rewrite the absolute artifact locations of the project's experiments in the sqlite store `db` (experiments,
+    runs, logged models, model versions) as paths relative to `root`; returns the number of rows changed."""
+    if not db.exists():
+        return 0
+    changed = 0
+    with sqlite3.connect(db, timeout=60) as con:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        if "experiments" not in tables:
+            return 0
+        for exp_id, location in con.execute("select experiment_id, artifact_location from experiments").fetchall():
+            prefix = project_prefix(location or "", root)
+            if prefix is None:
+                continue
+            old = f"{prefix}{ARTIFACT_ROOT}/{exp_id}"
+            for table, column in LOCATION_COLUMNS:
+                if table in tables:
+                    changed += con.execute(
+                        f"update {table} set {column} = substr({column}, ?) "
+                        f"where {column} = ? or substr({column}, 1, ?) = ?",
+                        (len(prefix) + 1, old, len(old) + 1, old + "/"),
+                    ).rowcount
+    return changed
+
+
+def use_store(root: Path | None = None) -> str:
+    """Point MLflow at the project's tracking store, keep a local store's locations relative; returns the URI."""
+    import mlflow
+
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    db = sqlite_file(uri)
+    if db is not None:
+        make_relative(db, Path.cwd())
+    return uri
+
+
+def experiment_id(client, name: str | None = None) -> str:
+    """The id of the experiment the stages log to (CYCLEPREF_EXPERIMENT, default cyclepref), created when absent with
+    a relative artifact location; the MLflow UI opens it in its model-training view."""
+    name = name or os.environ.get("CYCLEPREF_EXPERIMENT", EXPERIMENT)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        exp_id = client.create_experiment(name, tags={KIND_TAG: KIND})
+        db = sqlite_file(client.tracking_uri)
+        if db is not None:
+            make_relative(db, Path.cwd())
+        return exp_id
+    if exp.tags.get(KIND_TAG) != KIND:
+        client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+    return exp.experiment_id
+
+
+def source_name(root: Path | None = None) -> str:
+    """The entry point as a path relative to the project root (MLflow records the absolute one)."""
+    root = (root or Path.cwd()).resolve()
+    entry = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else root
+    return str(entry.relative_to(root)) if entry.is_relative_to(root) else entry.name
 
 
 def flatten(obj: object, prefix: str = "") -> dict[str, str]:
@@ -59,9 +154,15 @@ def stage_run(stage: str, section: BaseModel | None, profile: str, extra_tags: d
     """Start the stage's MLflow run (child of CYCLEPREF_PARENT_RUN_ID when set) and log its params section."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(os.environ.get("CYCLEPREF_EXPERIMENT", EXPERIMENT))
-    tags = {"cyclepref.stage": stage, "cyclepref.profile": profile, **git_state(), **(extra_tags or {})}
+    uri = use_store()
+    mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(uri)))
+    tags = {
+        "cyclepref.stage": stage,
+        "cyclepref.profile": profile,
+        "mlflow.source.name": source_name(),
+        **git_state(),
+        **(extra_tags or {}),
+    }
     parent = os.environ.get("CYCLEPREF_PARENT_RUN_ID") or None
     started = time.perf_counter()
     with mlflow.start_run(run_name=stage, tags=tags, parent_run_id=parent) as run:
@@ -98,3 +199,19 @@ def log_examples(name: str, items: list[tuple[object | None, str]], thumb: int =
         with open(f"{tmp}/{name}.json", "w") as f:
             json.dump([t for _, t in items], f, indent=1)
         mlflow.log_artifacts(tmp, artifact_path="examples")
+
+
+def log_adapter_model(directory: Path, name: str, tags: dict[str, str] | None = None) -> str | None:
+    """Log a LoRA adapter directory as an MLflow logged model of the active run (its files as they are: load it
+    with peft / diffusers, not as a pyfunc); returns the model id, None outside a run."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        return None
+    model = mlflow.initialize_logged_model(
+        name=name, source_run_id=run.info.run_id, tags=tags, model_type="lora-adapter"
+    )
+    mlflow.MlflowClient().log_model_artifacts(model.model_id, str(directory))
+    mlflow.finalize_logged_model(model.model_id, "READY")
+    return model.model_id

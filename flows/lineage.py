@@ -1,24 +1,30 @@
 """MLflow lineage of pipeline runs (no Prefect here).
 
-One parent run per pipeline run (git commit, dirty flag, dvc.lock digest, profile, trigger). A stage that runs
-logs its own run (cyclepref.tracking.stage_run) as a child of the parent, because the flow exports
-CYCLEPREF_PARENT_RUN_ID; after it succeeds the flow tags that run with the stage's lock hash (the digest of the
-stage's dvc.lock entry: cmd, deps, params and outs with their hashes). A stage that DVC skips as up to date gets a
-child run that points to the run that produced its outputs, found through the same lock hash (outputs made by a
-plain `dvc repro` are matched once by stage and params, then tagged; see adopt_producer).
+One parent run per pipeline run (git commit, dirty flag, dvc.lock digest, profile, trigger): a Prefect pipeline run
+or a `cyclepref repro` (`make run`). A stage that runs logs its own run (cyclepref.tracking.stage_run) as a child of
+the parent, because the runner exports CYCLEPREF_PARENT_RUN_ID; after it succeeds that run is tagged with the
+stage's lock hash (the digest of the stage's dvc.lock entry: cmd, deps, params and outs with their hashes). A stage
+that DVC skips as up to date gets a child run that points to the run that produced its outputs, found by that lock
+hash and nothing else. When no run in the store has it, the child says where the outputs came from: committed in
+git (the child then carries the committed metrics) or DVC's cache / a DVC remote.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
-import os
+import subprocess
+import time
+from contextlib import chdir
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from cyclepref.tracking import EXPERIMENT, flatten, git_state, tracking_uri
+from cyclepref import tracking
+from cyclepref.tracking import flatten, git_state
 
 PARENT_ENV = "CYCLEPREF_PARENT_RUN_ID"
 PARENT_TAG = "mlflow.parentRunId"
@@ -26,9 +32,10 @@ STAGE_TAG = "cyclepref.stage"
 STATUS_TAG = "cyclepref.stage_status"
 LOCK_TAG = "cyclepref.lock_hash"
 SOURCE_TAG = "cyclepref.source_run_id"
-ADOPTED_TAG = "cyclepref.lock_hash_source"
+ORIGIN_TAG = "cyclepref.outputs_from"
 KIND_TAG = "cyclepref.kind"
 EXECUTED, SKIPPED = "executed", "skipped"
+FROM_RUN, FROM_GIT, FROM_DVC = "run", "git", "dvc"
 
 
 @dataclass(frozen=True)
@@ -38,19 +45,31 @@ class StageRecord:
     child_run_id: str
     producer_run_id: str | None
     lock_hash: str | None
+    origin: str = FROM_RUN
+
+
+def in_project(fn):
+    """Run a flow function in its `root` argument's directory: the local store's artifact locations are relative
+    to the project root, and MLflow resolves them against the working directory."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+        bound.apply_defaults()
+        with chdir(Path(bound.arguments["root"]).resolve()):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def client(root: Path | None = None):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri(root))
+    return MlflowClient(tracking.use_store(root))
 
 
 def experiment_id(mlflow_client) -> str:
-    """The id of the experiment the stages log to (CYCLEPREF_EXPERIMENT, default cyclepref), created when absent."""
-    name = os.environ.get("CYCLEPREF_EXPERIMENT", EXPERIMENT)
-    exp = mlflow_client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else mlflow_client.create_experiment(name)
+    return tracking.experiment_id(mlflow_client)
 
 
 def lock_entries(root: Path) -> dict[str, dict]:
@@ -101,12 +120,19 @@ def _search(mlflow_client, filter_string: str, max_results: int = 1) -> list:
     )
 
 
-def _child(mlflow_client, parent_run_id: str, stage: str, tags: dict[str, str], note: str) -> str:
+def _child(
+    mlflow_client, parent_run_id: str, stage: str, tags: dict[str, str], note: str, metrics: dict | None = None
+) -> str:
+    from mlflow.entities import Metric
+
     run = mlflow_client.create_run(
         experiment_id(mlflow_client),
         run_name=stage,
         tags={PARENT_TAG: parent_run_id, STAGE_TAG: stage, "mlflow.note.content": note, **tags},
     )
+    if metrics:
+        now = int(time.time() * 1000)
+        mlflow_client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     mlflow_client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -136,48 +162,73 @@ def find_producer(mlflow_client, stage: str, digest: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def _lock_params(entry: dict) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for values in (entry.get("params") or {}).values():
-        out.update(flatten(values))
+def tracked_by_git(root: Path, paths: list[str]) -> bool:
+    """Every path is committed in git with no local change (a directory: every file under it)."""
+    if not paths:
+        return False
+    for path in paths:
+        listed = subprocess.run(["git", "ls-files", "--", path], cwd=root, capture_output=True, text=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "--", path], cwd=root, capture_output=True, text=True)
+        if listed.returncode != 0 or not listed.stdout.strip() or changed.stdout.strip():
+            return False
+    return True
+
+
+def metric_files(root: Path, stage: str) -> list[str]:
+    """The stage's metric files as dvc.yaml declares them."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return [str(o.def_path) for s in repo.stage.collect(stage) for o in s.outs if o.metric]
+
+
+def committed_metrics(root: Path, stage: str) -> dict[str, float]:
+    """The numbers in the stage's metric files (file stem prefixed when there are several), flattened with dots."""
+    files = metric_files(root, stage)
+    out: dict[str, float] = {}
+    for name in files:
+        path = root / name
+        if not path.exists():
+            continue
+        prefix = f"{Path(name).stem}." if len(files) > 1 else ""
+        for key, value in flatten(json.loads(path.read_text()), prefix).items():
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
     return out
 
 
-def adopt_producer(mlflow_client, stage: str, entry: dict, digest: str) -> str | None:
-    """For outputs made by a plain `dvc repro` (whose stage run has no lock hash): the newest finished run of
-    `stage` without a lock hash whose logged params agree with the params in the stage's dvc.lock entry. The run is
-    tagged with the lock hash (source "adopted"), so later lookups find it directly."""
-    wanted = _lock_params(entry)
-    runs = _search(
-        mlflow_client, f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'", max_results=100
-    )
-    for run in runs:
-        if run.info.run_name != stage or LOCK_TAG in run.data.tags or run.data.tags.get(STATUS_TAG) == SKIPPED:
-            continue
-        logged = run.data.params
-        if all(logged.get(k, logged.get(k.split(".", 1)[-1])) == v for k, v in wanted.items()):
-            for key, value in {LOCK_TAG: digest, STATUS_TAG: EXECUTED, ADOPTED_TAG: "adopted"}.items():
-                mlflow_client.set_tag(run.info.run_id, key, value)
-            return run.info.run_id
-    return None
+def outputs_origin(root: Path, entry: dict) -> str:
+    """Where a skipped stage's outputs came from when no run in the store produced them: git or DVC's cache."""
+    outs = [o["path"] for o in entry.get("outs") or []]
+    return FROM_GIT if tracked_by_git(root, outs) else FROM_DVC
 
 
 def record_skipped(mlflow_client, parent_run_id: str, stage: str, root: Path) -> StageRecord:
-    """A child run for a stage DVC skipped as up to date, pointing to the run that produced its outputs."""
+    """A child run for a stage DVC skipped as up to date, pointing to the run that produced its outputs (found by
+    the stage's lock hash); without one, the child records whether the outputs came from git (with the committed
+    metrics) or from DVC's cache or a remote."""
     entry = lock_entries(root).get(stage)
     digest = lock_hash(entry) if entry is not None else None
     producer = find_producer(mlflow_client, stage, digest) if digest else None
-    how = "lock hash"
-    if producer is None and digest:
-        producer, how = adopt_producer(mlflow_client, stage, entry, digest), "adoption (same stage and params)"
     tags = {STATUS_TAG: SKIPPED, **({LOCK_TAG: digest} if digest else {})}
     if producer:
-        tags[SOURCE_TAG] = producer
-        note = f"DVC skipped {stage}: outputs up to date, produced by run {producer} (found by {how})."
+        origin = FROM_RUN
+        tags |= {SOURCE_TAG: producer, ORIGIN_TAG: f"run {producer}"}
+        note = f"DVC skipped {stage}: outputs up to date, produced by run {producer} (same DVC lock hash)."
+    elif entry is not None and outputs_origin(root, entry) == FROM_GIT:
+        origin, commit = FROM_GIT, git_state(root)["git.commit"]
+        tags |= {ORIGIN_TAG: f"git {commit}"}
+        note = (f"DVC skipped {stage}: its outputs are committed in git (commit {commit}); no run in this store has "
+                f"lock hash {digest}. The metrics of this run are the committed ones.")
     else:
-        note = f"DVC skipped {stage}: outputs up to date; no run with lock hash {digest} was found (produced outside "
-        note += "the pipeline flow, or in another tracking store)."
-    return StageRecord(_child(mlflow_client, parent_run_id, stage, tags, note), producer, digest)
+        origin = FROM_DVC
+        tags |= {ORIGIN_TAG: "dvc cache or remote"}
+        note = (f"DVC skipped {stage}: outputs up to date in DVC's cache (restored, pulled from a remote or made by "
+                f"a plain `dvc repro`); no run in this store has lock hash {digest}.")
+    metrics = committed_metrics(root, stage) if origin == FROM_GIT else None
+    return StageRecord(_child(mlflow_client, parent_run_id, stage, tags, note, metrics), producer, digest, origin)
 
 
 def children(mlflow_client, parent_run_id: str) -> list:

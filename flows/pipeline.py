@@ -97,6 +97,10 @@ class StageOutcome:
     child_run_id: str
     producer_run_id: str | None
     lock_hash: str | None
+    origin: str = lineage.FROM_RUN
+
+    def outputs_from(self) -> str:
+        return self.producer_run_id or {lineage.FROM_GIT: "git", lineage.FROM_DVC: "DVC cache"}.get(self.origin, "?")
 
 
 @dataclass
@@ -271,9 +275,11 @@ def retry_transient(task_, task_run, state) -> bool:
     persist_result=False,
     retry_condition_fn=retry_transient,
 )
-def run_stage(stage: str, root: str, parent_run_id: str, timeout_s: float) -> StageOutcome:
-    """One DVC stage in a subprocess, then its MLflow child run (tagged or created)."""
+def run_stage(stage: str, root: str, parent_run_id: str, timeout_s: float):
+    """One DVC stage in a subprocess, then its MLflow child run (tagged or created). Returns the StageOutcome; a
+    stage DVC skipped ends in a Completed state named "Skipped", so the UI tells it from one that ran."""
     from prefect.runtime import task_run
+    from prefect.states import Completed
 
     logger = get_run_logger()
     path = Path(root)
@@ -283,10 +289,13 @@ def run_stage(stage: str, root: str, parent_run_id: str, timeout_s: float) -> St
         client, parent_run_id, stage, path
     )
     logger.info("%s: %s in %.1f s (MLflow run %s)", stage, status, seconds, record.child_run_id)
-    return StageOutcome(
+    outcome = StageOutcome(
         stage, status, seconds, int(task_run.run_count or 1), record.child_run_id, record.producer_run_id,
-        record.lock_hash,
+        record.lock_hash, record.origin,
     )
+    if status == lineage.SKIPPED:
+        return Completed(name="Skipped", message=f"up to date; outputs from {outcome.outputs_from()}", data=outcome)
+    return outcome
 
 
 def summary_markdown(result: PipelineResult, run_link: str) -> str:
@@ -309,7 +318,7 @@ def summary_markdown(result: PipelineResult, run_link: str) -> str:
         if o is not None:
             lines.append(
                 f"| `{stage}` | {o.status} | {o.seconds:.1f} | {o.attempts} | {o.child_run_id} | "
-                f"{o.producer_run_id or 'unknown'} |"
+                f"{o.outputs_from()} |"
             )
         elif stage == result.failed_stage:
             lines.append(f"| `{stage}` | **failed** | | | | |")
@@ -335,12 +344,22 @@ def gate_tables(root: Path, stages: list[str]) -> dict[str, list[dict]]:
                 "check": name,
                 "severity": check.get("severity"),
                 "success": check.get("success"),
-                "observed": str(check.get("observed")),
-                "expected": str(check.get("expected")),
+                "observed": markdown_cell(check.get("observed")),
+                "expected": markdown_cell(check.get("expected")),
             }
             for name, check in sorted(report.get("checks", {}).items())
         ]
     return tables
+
+
+BLOCK_START = re.compile(r"^(\s*)(>|[#*+-](?=\s|$)|\d+[.)](?=\s|$))")
+
+
+def markdown_cell(value: object) -> str:
+    """Text for a cell of a Prefect table artifact, which the UI renders as markdown: a leading block marker
+    (`>=` would open a quote, `- ` a list, `1.` a numbered list, `#` a heading) and pipes are escaped."""
+    text = str(value).replace("|", "\\|")
+    return BLOCK_START.sub(r"\1\\\2", text)
 
 
 def artifact_key(text: str) -> str:
@@ -363,6 +382,7 @@ def publish(result: PipelineResult, root: Path, client) -> None:
 
 
 @flow(name="cyclepref-pipeline", persist_result=False)
+@lineage.in_project
 def pipeline(
     root: str = ".",
     trigger: str = "manual",
@@ -388,7 +408,8 @@ def pipeline(
     current = None
     try:
         for current in stages:
-            result.outcomes.append(run(current, str(path), parent, timeout))
+            state = run(current, str(path), parent, timeout, return_state=True)
+            result.outcomes.append(state.result())
     except BaseException as err:
         result.failed_stage, result.error = current, str(err)
         client.set_tag(parent, "cyclepref.failed_stage", current or "")

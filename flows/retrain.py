@@ -4,7 +4,9 @@
    atomically, quarantining what may not be read (cyclepref.ingest).
 2. Run the pipeline flow (DVC reruns what the new inputs or changed params invalidate).
 3. Register the reward model that train_reward logged for `retrain.variant` (a new version, or the existing version
-   when DVC skipped training), and what the stages in `retrain.adapters` produced (DPO LoRA adapters).
+   when DVC skipped training), tagged with its lineage (DVC stage hash, git commit, data digest) and linked to the
+   DPO adapters' logged models, and what the stages in `retrain.adapters` produced. `cyclepref register` (after
+   `make run`) does this step alone, for the outputs dvc.lock records (`register_current`).
 4. Score the challenger and the current `champion` with their MLflow pyfuncs on the frozen benchmark
    (`retrain.benchmark`), pair by pair. `decide` runs a paired test on those same pairs: it promotes only when the
    lower bound of the paired-bootstrap interval (level `retrain.confidence`, `retrain.bootstrap_samples` resamples of
@@ -33,6 +35,7 @@ from flows.pipeline import PipelineResult, pipeline
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 REWARD_STAGE = "train_reward"
+ADAPTER_STAGES = ("dpo_vlm", "diffusion_dpo")
 TIE_TOLERANCE = 1e-9
 BOOTSTRAP_SEED = 0
 
@@ -121,6 +124,7 @@ class RetrainResult:
     benchmark: str
     decision: Decision
     pairs: int = 0
+    benchmark_digest: str = "absent"
     ingested: dict[str, int] = field(default_factory=dict)
     adapters: dict[str, list[str]] = field(default_factory=dict)
 
@@ -164,21 +168,93 @@ def reward_model(client, train_run_id: str, variant: str):
     return models[-1]
 
 
-def register(client, name: str, model, tags: dict[str, str]):
-    """The registered version of a logged model: the existing one when it was registered before, else a new one."""
-    import mlflow
+def registered_version(client, name: str, model):
+    """The version of `name` that registers the logged model, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(name)
     except MlflowException:
-        pass
-    else:
-        for version in client.search_model_versions(f"name = '{name}'"):
-            if model.model_id in (getattr(version, "model_id", None), version.source.removeprefix("models:/")):
-                return version
+        return None
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if model.model_id in (getattr(version, "model_id", None), version.source.removeprefix("models:/")):
+            return version
+    return None
+
+
+def register(client, name: str, model, tags: dict[str, str]):
+    """The registered version of a logged model: the existing one when it was registered before, else a new one."""
+    import mlflow
+
+    existing = registered_version(client, name, model)
+    if existing is not None:
+        return existing
     mlflow.set_tracking_uri(client.tracking_uri)
     return mlflow.register_model(f"models:/{model.model_id}", name, tags=tags)
+
+
+def reward_tags(client, train_run_id: str, model, variant: str, stage_hash: str | None) -> dict[str, str]:
+    """Lineage of a registered reward model: its DVC stage hash, the git commit and data digest it was trained on."""
+    train = client.get_run(train_run_id).data
+    source = client.get_run(model.source_run_id).data if model.source_run_id else None
+    trained_on = source.params.get("data_digest", "unknown") if source else "unknown"
+    return {
+        "cyclepref.variant": variant,
+        "cyclepref.train_run_id": train_run_id,
+        "cyclepref.dvc_stage_hash": stage_hash or "unknown",
+        "git.commit": train.tags.get("git.commit", "unknown"),
+        "git.dirty": train.tags.get("git.dirty", "unknown"),
+        "cyclepref.data_digest": trained_on,
+    }
+
+
+def link_adapters(client, root: Path, name: str, version: str) -> dict[str, str]:
+    """Link the logged adapter models of the DPO stages whose outputs dvc.lock records to a reward model version:
+    a version tag `cyclepref.adapter.<stage>` = models:/<id> and, on each adapter, `cyclepref.reward_model`."""
+    linked: dict[str, str] = {}
+    for stage in ADAPTER_STAGES:
+        digest = lineage.stage_lock_hash(root, stage)
+        run_id = lineage.find_producer(client, stage, digest) if digest else None
+        if run_id is None:
+            continue
+        for model in logged_models(client, run_and_children(client, run_id)):
+            client.set_logged_model_tags(model.model_id, {"cyclepref.reward_model": f"{name}/{version}",
+                                                          "cyclepref.dvc_stage_hash": digest})
+            client.set_model_version_tag(name, version, f"cyclepref.adapter.{stage}", f"models:/{model.model_id}")
+            linked[stage] = model.model_id
+    return linked
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    created: bool
+    train_run_id: str
+    adapters: dict[str, str]
+
+
+def register_current(client, root: Path, cfg) -> Registration:
+    """Register the reward model (`cfg.variant`) of the outputs dvc.lock records now: the train_reward run found by
+    the stage's lock hash. The same DVC outputs give the same version; no alias moves (that is the retrain flow's
+    job). Raises LookupError when no run in this store produced those outputs."""
+    digest = lineage.stage_lock_hash(root, REWARD_STAGE)
+    if digest is None:
+        raise LookupError(f"{root / 'dvc.lock'} has no {REWARD_STAGE} entry: run `make run` (or `dvc repro`) first")
+    train_run = lineage.find_producer(client, REWARD_STAGE, digest)
+    if train_run is None:
+        raise LookupError(
+            f"no MLflow run in this store produced the current {REWARD_STAGE} outputs (lock hash {digest[:12]}); "
+            f"they came from DVC's cache or a remote. To register them here: `dvc repro --force {REWARD_STAGE}`"
+        )
+    model = reward_model(client, train_run, cfg.variant)
+    created = registered_version(client, cfg.registered_model, model) is None
+    tags = reward_tags(client, train_run, model, cfg.variant, digest)
+    version = str(register(client, cfg.registered_model, model, tags).version)
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.registered_model, version, key, value)
+    adapters = link_adapters(client, root, cfg.registered_model, version)
+    return Registration(cfg.registered_model, version, created, train_run, adapters)
 
 
 def alias_version(client, name: str, alias: str) -> str | None:
@@ -316,7 +392,7 @@ def decision_tags(r: RetrainResult) -> dict[str, str]:
         "cyclepref.mcnemar_p": "n/a" if c is None else f"{c.mcnemar_p:.6g}",
         "cyclepref.benchmark_pairs": str(r.pairs),
         "cyclepref.benchmark": r.benchmark,
-        "cyclepref.benchmark_digest": benchmark_digest(Path(r.benchmark)),
+        "cyclepref.benchmark_digest": r.benchmark_digest,
     }
 
 
@@ -332,8 +408,10 @@ def promote(
     name = cfg.registered_model
     train_run = producer_run(result, REWARD_STAGE)
     model = reward_model(client, train_run, cfg.variant)
-    tags = {"cyclepref.pipeline_run_id": result.parent_run_id, "cyclepref.variant": cfg.variant}
+    tags = {"cyclepref.pipeline_run_id": result.parent_run_id,
+            **reward_tags(client, train_run, model, cfg.variant, result.outcome(REWARD_STAGE).lock_hash)}
     challenger = str(register(client, name, model, tags).version)
+    link_adapters(client, root, name, challenger)
     champion = alias_version(client, name, CHAMPION)
     bench = (root / cfg.benchmark).resolve()
     pairs = benchmark_pairs(bench, benchmark_tasks(cfg.variant))
@@ -346,7 +424,8 @@ def promote(
         decision = decide(challenger_out, champion_out, cfg.margin, pairs > 0, cfg.confidence, cfg.bootstrap_samples)
     out = RetrainResult(
         result.parent_run_id, name, challenger, champion, mean_or_none(challenger_out), mean_or_none(champion_out),
-        str(bench), decision, pairs=0 if challenger_out is None else len(challenger_out),
+        cfg.benchmark, decision, pairs=0 if challenger_out is None else len(challenger_out),
+        benchmark_digest=benchmark_digest(bench),
     )
     apply_decision(client, name, challenger, champion, decision)
     for key, value in decision_tags(out).items():
@@ -414,6 +493,7 @@ def promote_task(result: PipelineResult, root: str) -> RetrainResult:
 
 
 @flow(name="cyclepref-retrain", persist_result=False)
+@lineage.in_project
 def retrain(
     root: str = ".",
     ingest: bool = True,

@@ -2,15 +2,15 @@
 evaluator (ground truth where the inputs have true scenes) with intervals over inputs.
 
 Outputs: data/downstream/best_of_n/ (candidates_<task>.parquet with every verifier's and evaluator's score,
-best_of_n_<task>.png), reports/downstream/best_of_n.json (DVC metric), reports/downstream/best_of_n_<task>.csv
-(DVC plot). Logic: cyclepref.downstream.best_of_n.
+best_of_n_<task>.png), reports/downstream/best_of_n.json (the report), reports/downstream/best_of_n_<task>.csv
+(plot data), reports/metrics/best_of_n_<task>.json (DVC metric). Logic: cyclepref.downstream.best_of_n.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cyclepref import runtime, stage, store, tracking
+from cyclepref import metrics, runtime, stage, store, tracking
 from cyclepref.config import Params, require
 
 NOTE = ("evaluator {0!r} is also verifier {0!r}: its own picks maximise it by construction, so its curve is an upper "
@@ -66,10 +66,12 @@ def run(params: Params, root: Path) -> dict:
             best = cfg.verifiers[0]
             tracking.log_examples(f"best_of_n_{task}_{best}_n{max(cfg.n)}",
                                   [(im, t) for im, t in result.picked(best, max(cfg.n))[:8]])
-    metrics = store.write_json(report, root / report_path("best_of_n"))
+    written = store.write_json(report, root / report_path("best_of_n"))
+    verifier = "reward" if "reward" in cfg.verifiers else cfg.verifiers[0]
+    metrics.write_parts(root, "best_of_n", metrics.best_of_n(report["tasks"], verifier), metrics.TASKS)
     store.write_manifest(out, files, tasks=list(cfg.tasks))
     if tracked:
-        mlflow.log_artifact(str(metrics))
+        mlflow.log_artifact(str(written))
     return summary
 
 

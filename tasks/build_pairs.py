@@ -1,8 +1,8 @@
 """Stage build_pairs: preference pairs from the cycle scores of every task in params build_pairs.tasks.
 
 Runs only after the gates of those score tables passed on the tables as they are now.
-Outputs: data/pairs/pairs.parquet (PAIRS), data/pairs/manifest.json, reports/pairs.json (DVC metric: drop counts,
-survival, split sizes, margin statistics and per-model win rates per task).
+Outputs: data/pairs/pairs.parquet (PAIRS), data/pairs/manifest.json, reports/pairs.json (drop counts, survival, split
+sizes, margin statistics and per-model win rates per task), reports/metrics/build_pairs_<task>.json (DVC metric).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from cyclepref import stage, store, tables
+from cyclepref import metrics, stage, store, tables
 from cyclepref.config import Params, require
 from cyclepref.pairs import build_pairs, pair_stats
 from cyclepref.tables import PAIRS, PATHS, SCORES
@@ -27,12 +27,13 @@ def run(params: Params, root: Path) -> dict:
     pairs, counts = build_pairs(scores, cfg)
     out = store.write_table(tables.conform_to_contract("pairs", pairs), root / PATHS["pairs"], PAIRS)
     stats = pair_stats(pairs, counts, cfg.tie_gap)
-    metrics = store.write_json(stats, root / METRICS)
+    report = store.write_json(stats, root / METRICS)
+    metrics.write_parts(root, "build_pairs", metrics.pairs(stats), metrics.TASKS)
     store.write_manifest(out.parent, [out], pairs=pairs.num_rows, tasks=list(cfg.tasks))
 
     import mlflow
 
-    mlflow.log_artifact(str(metrics))
+    mlflow.log_artifact(str(report))
     summary: dict = {"pairs": pairs.num_rows}
     for task, s in stats["tasks"].items():
         summary |= {f"{task}_pairs": s["pairs"], f"{task}_survival": round(s["survival"], 4)}

@@ -1,16 +1,16 @@
 """Stage diffusion_dpo: Diffusion-DPO of the text-to-image model's UNet on the T2I pairs with a LoRA adapter.
 
 Outputs: data/downstream/diffusion_dpo/adapter/ (diffusers LoRA weights + downstream.json),
-reports/downstream/diffusion_dpo.json (DVC metric: pairs, steps, loss, validation loss / implicit accuracy before
-and after). The adapter is reloaded from disk and renders a few held-out prompts before the stage ends.
-Logic: cyclepref.downstream.diffusion_dpo.
+reports/downstream/diffusion_dpo.json (pairs, steps, loss, validation loss / implicit accuracy before and after),
+reports/metrics/diffusion_dpo.json (DVC metric). The adapter is reloaded from disk and renders a few held-out
+prompts before the stage ends. Logic: cyclepref.downstream.diffusion_dpo.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cyclepref import runtime, stage, store, tracking
+from cyclepref import metrics, runtime, stage, store, tracking
 from cyclepref.config import Params, require
 
 
@@ -36,10 +36,11 @@ def run(params: Params, root: Path) -> dict:
     seeds = image_seeds(held.input_ids, t2i_hash(Context(root, device), cfg.model))
     images = load_dpo_t2i(spec, out, device).generate(held.prompts, seeds)
     report["reload_check"] = {"images": len(images)}
-    metrics = store.write_json(report, root / report_path("diffusion_dpo"))
+    written = store.write_json(report, root / report_path("diffusion_dpo"))
+    metrics.write(root, "diffusion_dpo", metrics.dpo(report, "train_loss_last", "implicit_accuracy"))
     if tracked:
-        mlflow.log_artifacts(str(out), artifact_path="adapter")
-        mlflow.log_artifact(str(metrics))
+        tracking.log_adapter_model(out, "diffusion_dpo_adapter", {"cyclepref.stage": "diffusion_dpo"})
+        mlflow.log_artifact(str(written))
         tracking.log_examples("diffusion_dpo_heldout", list(zip(images, held.prompts, strict=True)))
     summary = {k: report[k] for k in ("train_pairs", "valid_pairs", "steps", "train_loss_first", "train_loss_last")}
     for when in ("before", "after"):

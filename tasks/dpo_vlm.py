@@ -1,7 +1,8 @@
 """Stage dpo_vlm: DPO of the LLaVA-family captioner on the I2T pairs with a LoRA adapter (trl DPOTrainer).
 
-Outputs: data/downstream/dpo_vlm/adapter/ (peft adapter + downstream.json), reports/downstream/dpo_vlm.json (DVC
-metric: pairs, steps, train loss, validation loss / reward accuracy before and after). The adapter is reloaded from
+Outputs: data/downstream/dpo_vlm/adapter/ (peft adapter + downstream.json), reports/downstream/dpo_vlm.json
+(pairs, steps, train loss, validation loss / reward accuracy before and after), reports/metrics/dpo_vlm.json (DVC
+metric). The adapter is reloaded from
 disk and captions a few held-out images before the stage ends. Logic: cyclepref.downstream.dpo_vlm.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cyclepref import runtime, stage, store, tracking
+from cyclepref import metrics, runtime, stage, store, tracking
 from cyclepref.config import Params, require
 
 WORK = "data/work/dpo_vlm"
@@ -33,10 +34,11 @@ def run(params: Params, root: Path) -> dict:
     held = heldout_inputs(root, "i2t", ["test", "valid"], max_inputs=4)
     captions = load_dpo_captioner(local_spec(root, cfg.captioner), out, device).caption(held.images)
     report["reload_check"] = {"captions": len(captions), "nonempty": sum(bool(c.strip()) for c in captions)}
-    metrics = store.write_json(report, root / report_path("dpo_vlm"))
+    written = store.write_json(report, root / report_path("dpo_vlm"))
+    metrics.write(root, "dpo_vlm", metrics.dpo(report, "train_loss", "rewards_accuracies"))
     if tracked:
-        mlflow.log_artifacts(str(out), artifact_path="adapter")
-        mlflow.log_artifact(str(metrics))
+        tracking.log_adapter_model(out, "dpo_vlm_adapter", {"cyclepref.stage": "dpo_vlm"})
+        mlflow.log_artifact(str(written))
         tracking.log_examples("dpo_vlm_heldout", list(zip(held.images, captions, strict=True)))
     summary = {k: report[k] for k in ("train_pairs", "valid_pairs", "steps", "train_loss")}
     for when in ("before", "after"):

@@ -2,15 +2,16 @@
 models on held-out inputs, judged by the profile's evaluator (ground truth where the inputs have true scenes), with a
 model evaluator optionally beside it.
 
-Output: reports/downstream/evaluate.json (DVC metric: per task n, mean before / after, delta, their intervals over
-inputs, win rate, changed outputs). Logic: cyclepref.downstream.evaluate.
+Output: reports/downstream/evaluate.json (per task n, mean before / after, delta, their intervals over inputs, win
+rate, changed outputs), reports/metrics/evaluate_downstream_<task>.json (DVC metric).
+Logic: cyclepref.downstream.evaluate.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cyclepref import runtime, stage, store, tracking
+from cyclepref import metrics, runtime, stage, store, tracking
 from cyclepref.config import Params, require
 
 NOTE = ("evaluator 'reward' is the reward model distilled from the same cycle-consistency preferences the DPO models "
@@ -50,9 +51,10 @@ def run(params: Params, root: Path) -> dict:
         summary |= {f"{task}_{k}": round(v, 6) if isinstance(v, float) else v
                     for k, v in section.items() if isinstance(v, int | float)}
         tracking.log_examples(f"evaluate_downstream_{task}", examples)
-    metrics = store.write_json(report, root / report_path("evaluate"))
+    written = store.write_json(report, root / report_path("evaluate"))
+    metrics.write_parts(root, "evaluate_downstream", metrics.downstream(report["tasks"]), metrics.TASKS)
     if mlflow.active_run() is not None:
-        mlflow.log_artifact(str(metrics))
+        mlflow.log_artifact(str(written))
     return summary
 
 

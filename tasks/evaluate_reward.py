@@ -1,15 +1,15 @@
 """Stage evaluate_reward: pairwise accuracy (95% Wilson interval) of the reward models and the baselines
 (raw cycle score, CLIPScore, random) on the test split per task and on every configured benchmark file.
 
-Outputs: reports/reward/eval.json (DVC metric, numbers only), reports/reward/eval.md (readable, with the notes on
-the baselines); both, plus the full report, in the stage's MLflow run.
+Outputs: reports/reward/eval.json (numbers only), reports/reward/eval.md (readable, with the notes on the baselines);
+both, plus the full report, in the stage's MLflow run; reports/metrics/evaluate_reward_<task>.json (DVC metric).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cyclepref import stage, store
+from cyclepref import metrics, stage, store
 from cyclepref.config import Params, require
 from cyclepref.reward import REPORTS
 from tasks.train_reward import require_pairs_gate
@@ -78,6 +78,9 @@ def run(params: Params, root: Path) -> dict:
         "notes": NOTES | {"sections": f"'{cfg.split}' = the pipeline's {cfg.split} split; others = benchmark files"},
     }
     store.write_json(metric_file(results), root / REPORTS["eval"])
+    models = [m.name for m in cfg.models]
+    headline = metrics.evaluate_reward(results.get(cfg.split, {}), models[0], models)
+    metrics.write_parts(root, "evaluate_reward", headline, metrics.TASKS)
     md = root / REPORTS["eval_md"]
     with store.atomic_path(md) as tmp:
         tmp.write_text(report_markdown(report))
@@ -96,7 +99,7 @@ def run(params: Params, root: Path) -> dict:
 
 
 def metric_file(results: dict) -> dict:
-    """The DVC metric: {section: {task: {"pairs": n, <scorer>: {accuracy, ci95_low, ci95_high, n, ties}}}},
+    """The numbers report: {section: {task: {"pairs": n, <scorer>: {accuracy, ci95_low, ci95_high, n, ties}}}},
     numbers only (a scorer without a value on a section, e.g. cycle on a benchmark without scores, is absent)."""
     return {
         section: {

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from cyclepref import stage, store
 from cyclepref.config import Params, require
-from cyclepref.export import write_export
+from cyclepref.export import provenance, write_export
 from cyclepref.tables import PAIRS, PATHS
 from tasks.build_pairs import METRICS
 from tasks.gate import require_gates
@@ -34,7 +34,7 @@ def run(params: Params, root: Path) -> dict:
         candidates["t2i"] = pq.read_table(root / PATHS["t2i_candidates"], columns=["candidate_id", "image"])
     stats_path = root / METRICS
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
-    counts = write_export(root / EXPORT_DIR, pairs, inputs, candidates, cfg, stats)
+    counts = write_export(root / EXPORT_DIR, pairs, inputs, candidates, cfg, stats, provenance(params))
     return {f"{task}_{split}": c["pairs"] for task, per in counts.items() for split, c in per.items()}
 
 

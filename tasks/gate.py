@@ -3,8 +3,9 @@
     python -m tasks.gate <name>      name in: inputs, i2t_candidates, i2t_reconstructions, t2i_candidates,
                                      t2i_reconstructions, i2t_scores, t2i_scores, pairs
 
-Outputs: reports/dq/<name>.json (DVC metric, with the digest of the table it checked) and reports/dq/<name>.md.
-Thresholds: params `gates.<name>`. Stages that consume a gated table call `require_gates`.
+Outputs: reports/dq/<name>.json (the report, with the digest of the table it checked) and .md,
+reports/metrics/gate_<name>.json (DVC metric: passed, rows, warnings). Thresholds: params `gates.<name>`. Stages that
+consume a gated table call `require_gates`.
 A failed gate exits 1 after writing its report and printing the failing checks, so DVC runs nothing downstream.
 """
 
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from cyclepref import gates, stage, store
+from cyclepref import gates, metrics, stage, store
 from cyclepref.config import Gates, Params, require
 from cyclepref.tables import PATHS
 
@@ -60,8 +61,10 @@ def require_gates(stage: str, root: Path, names: Iterable[str]) -> None:
 
 
 def write_report(report: dict, root: Path) -> tuple[Path, Path]:
+    """The full report (reports/dq/<gate>.json and .md) and its headline metrics (cyclepref.metrics)."""
     out = root / REPORT_DIR / f"{report['gate']}.json"
     store.write_json(report, out)
+    metrics.write(root, f"gate@{report['gate']}", metrics.gate(report))
     md = out.with_suffix(".md")
     with store.atomic_path(md) as tmp:
         tmp.write_text(gates.render_markdown(report))

@@ -1,7 +1,8 @@
 """Stage train_reward: Bradley-Terry training of one reward model per variant (i2t | t2i | combo).
 
 Reads the pairs through cyclepref.reward.data (pipeline tables, which must have passed gate@pairs, or the exported
-datasets). Outputs: data/reward/<variant>/model/ (best by validation loss), reports/reward/train.json (DVC metric).
+datasets). Outputs: data/reward/<variant>/model/ (best by validation loss), reports/reward/train.json,
+reports/metrics/train_reward_<variant>.json (DVC metric).
 Resume checkpoints live in data/work/reward/<variant>/ (not a DVC output), so a rerun after an interruption
 continues where it stopped. One MLflow child run per variant: metrics every step, the model as a pyfunc, the
 training config and the data digest. Multi-GPU: `accelerate launch -m tasks.train_reward` (rank 0 tracks).
@@ -13,7 +14,7 @@ import os
 from contextlib import nullcontext
 from pathlib import Path
 
-from cyclepref import stage, store
+from cyclepref import metrics, stage, store
 from cyclepref.config import Params, load_params, require
 from cyclepref.reward import REPORTS, WORK_DIR, model_dir
 
@@ -87,6 +88,7 @@ def run(params: Params, root: Path) -> dict:
                 log_reward_model(result.best_dir, input_example=_input_example(source, VARIANT_TASKS[variant]))
     if accelerator.is_main_process:
         store.write_json(report, root / REPORTS["train"])
+        metrics.write_parts(root, "train_reward", metrics.train_reward(report), metrics.VARIANTS)
     summary: dict = {"variants": len(cfg.variants)}
     for variant, r in report.items():
         summary[f"{variant}_best_val_loss"] = round(r["best_val_loss"], 6)

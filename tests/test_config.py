@@ -106,3 +106,73 @@ def test_profile_use_switches_and_validates(tmp_path, monkeypatch):
     res = runner.invoke(app, ["profile", "use", "broken"])
     assert res.exit_code == 2 and "bootstrap_models: Field required" in res.output
     assert load_params(tmp_path / "params.yaml").profile == "paper"
+
+
+BOUNDS = ("gt", "ge", "lt", "le")
+
+
+def _numeric_leaves(annotation, metadata: list) -> list[tuple[type, list]]:
+    """(int | float, constraints) of every number an annotation holds: through Optional, Annotated and the items
+    of lists, tuples and dict values (a container's own constraints, such as min_length, are not the items')."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _numeric_leaves(args[0], metadata + list(args[1:]))
+    if origin in (typing.Union, types.UnionType):
+        return [leaf for a in args if a is not type(None) for leaf in _numeric_leaves(a, metadata)]
+    if origin in (list, tuple):
+        return [leaf for a in args if a is not Ellipsis for leaf in _numeric_leaves(a, [])]
+    if origin is dict:
+        return _numeric_leaves(args[1], [])
+    return [(annotation, metadata)] if annotation in (int, float) else []
+
+
+def _bounded(metadata: list) -> bool:
+    flat = [m for item in metadata for m in [item, *getattr(item, "metadata", [])]]
+    return any(getattr(m, b, None) is not None for m in flat for b in BOUNDS)
+
+
+def test_every_number_in_the_schema_carries_its_constraint():
+    import inspect
+
+    from cyclepref import config
+
+    unbounded = [
+        f"{cls.__name__}.{name}"
+        for cls in vars(config).values()
+        if inspect.isclass(cls) and issubclass(cls, config.Section)
+        for name, info in cls.model_fields.items()
+        for _, meta in _numeric_leaves(info.annotation, list(info.metadata))
+        if not _bounded(meta)
+    ]
+    assert unbounded == []
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "reason"),
+    [
+        (("train_reward", "lr", "combo"), -2e-5, "greater than 0"),
+        (("train_reward", "weight_decay", "combo"), -1.0, "greater than or equal to 0"),
+        (("train_reward", "betas"), [0.9, 1.5], "less than 1"),
+        (("generate_t2i", "seeds"), [0, -1], "greater than or equal to 0"),
+        (("best_of_n", "n"), [0, 2], "greater than 0"),
+        (("build_pairs", "split", "train"), 1.5, "less than or equal to 1"),
+    ],
+)
+def test_profile_check_rejects_a_value_outside_its_constraint(tmp_path, monkeypatch, path, value, reason):
+    from typer.testing import CliRunner
+
+    from cyclepref.cli import app
+
+    data = _default()
+    section = data
+    for key in path[:-1]:
+        section = section[key]
+    section[path[-1]] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["profile", "check"])
+    assert res.exit_code == 2
+    assert ".".join(path) in res.output and reason in res.output

@@ -15,8 +15,13 @@ from cyclepref.config import load_params
 from fixtures.downstream import REWARD, WORLD, make_root, write_downstream_params, write_scenes
 
 
-def _artifacts(run_id: str, path: str) -> set[str]:
-    return {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, path)}
+def _adapter_files(run_id: str) -> set[str]:
+    """The files of the adapter the run logged as an MLflow logged model."""
+    client = mlflow.MlflowClient()
+    exp = client.get_run(run_id).info.experiment_id
+    [model] = client.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")
+    assert model.model_type == "lora-adapter" and model.status == "READY"
+    return {a.path for a in client.list_logged_model_artifacts(model.model_id)}
 
 
 def test_dpo_stages_train_reload_and_evaluate(zoo, tmp_path, mlflow_uri):
@@ -35,8 +40,7 @@ def test_dpo_stages_train_reload_and_evaluate(zoo, tmp_path, mlflow_uri):
     assert report["steps"] == 3 and report["train_pairs"] > 0 and report["valid_pairs"] > 0
     assert report["valid_before"]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # adapter starts as identity
     assert report["reload_check"]["captions"] == 2
-    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= _artifacts(
-        summary["mlflow_run_id"], "adapter")
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= _adapter_files(summary["mlflow_run_id"])
     assert "train_loss" in mlflow.get_run(summary["mlflow_run_id"]).data.metrics
 
     held = heldout_inputs(tmp_path, "i2t", ["test", "valid"])
@@ -52,7 +56,7 @@ def test_dpo_stages_train_reload_and_evaluate(zoo, tmp_path, mlflow_uri):
     assert report["steps"] == 3 and report["train_loss_first"] == pytest.approx(np.log(2), abs=1e-5)
     assert report["valid_before"]["loss"] == pytest.approx(np.log(2), abs=1e-5)
     assert report["reload_check"]["images"] == 2
-    assert "adapter/pytorch_lora_weights.safetensors" in _artifacts(summary["mlflow_run_id"], "adapter")
+    assert "pytorch_lora_weights.safetensors" in _adapter_files(summary["mlflow_run_id"])
 
     summary = stage.main("evaluate_downstream", evaluate_downstream.run)
     report = json.loads((tmp_path / "reports/downstream/evaluate.json").read_text())

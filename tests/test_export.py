@@ -93,6 +93,28 @@ def test_dataset_card_has_configs_counts_and_statistics(world):
     assert "metric `dreamsim` (lower is better)" in card and "| model | wins | losses |" in card
 
 
+def test_dataset_card_states_profile_models_rule_thresholds_and_licence(world):
+    from cyclepref.config import load_params
+    from cyclepref.export import provenance
+
+    params = load_params(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+    counts = {"i2t": {"train": {"pairs": 5, "inputs": 2}, "valid": {"pairs": 0, "inputs": 0},
+                      "test": {"pairs": 1, "inputs": 1}}}
+    cfg = ExportDataset(name="sandbox", license="cc-by-4.0", license_note="Scenes and models made by cyclepref.")
+    card = dataset_card(cfg, counts, world["stats"], provenance(params))
+    assert f"profile `{params.profile}`" in card
+    for spec in [*params.generate_i2t.captioners, params.reconstruct_i2t.model, *params.generate_t2i.models,
+                 params.reconstruct_t2i.captioner]:
+        assert f"`{spec.name}` ({spec.path})" in card
+    rule = params.build_pairs
+    assert f"< {rule.tie_gap} metric units" in card and f"sbert {rule.quality_limits.sbert}" in card
+    assert f"train {rule.split.train}, valid {rule.split.valid}, test {rule.split.test}" in card
+    assert "`margin` is |preferred score - rejected score|" in card
+    assert yaml.safe_load(card.split("---")[1])["license"] == "cc-by-4.0"
+    assert "## Licence\n\n`cc-by-4.0`.\nScenes and models made by cyclepref." in card
+    assert "terms of the models" in dataset_card(ExportDataset(), counts)
+
+
 def test_export_fails_on_pairs_without_their_candidates(tmp_path, world):
     cands = {"i2t": world["i2t_scores"].select(["candidate_id", "text"]).slice(1),
              "t2i": world["t2i_candidates"].select(["candidate_id", "image"])}

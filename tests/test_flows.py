@@ -56,7 +56,9 @@ def _task_runs(flow_run_id: str) -> list:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
-def test_pipeline_flow_runs_stages_in_dvc_order_with_mlflow_lineage(prefect_api, mlflow_uri, stage_path, tmp_path):
+def test_pipeline_flow_runs_stages_in_dvc_order_with_mlflow_lineage(
+    prefect_api, mlflow_uri, stage_path, tmp_path, monkeypatch
+):
     from prefect.artifacts import Artifact
 
     project = inputs_project(tmp_path / "project")
@@ -92,12 +94,20 @@ def test_pipeline_flow_runs_stages_in_dvc_order_with_mlflow_lineage(prefect_api,
     assert [k.data.tags[lineage.SOURCE_TAG] for k in skipped] == [o.child_run_id for o in first.outcomes]
     assert client.get_run(second.parent_run_id).data.tags["dvc.lock.digest"] == tags["dvc.lock.digest_after"]
 
+    first_states = {t.name: t.state.name for t in _task_runs(parent.data.tags["prefect.flow_run_id"])}
+    second_tags = client.get_run(second.parent_run_id).data.tags
+    second_states = {t.name: t.state.name for t in _task_runs(second_tags["prefect.flow_run_id"])}
+    assert set(first_states.values()) == {"Completed"} and set(second_states.values()) == {"Skipped"}
+
     summary = Artifact.get("pipeline-summary")
     assert "0 stage(s) run, 3 skipped as up to date" in summary.data
-    assert "| `gate@inputs` | skipped |" in summary.data
+    assert "| `gate@inputs` | skipped | " in summary.data and first.outcomes[1].child_run_id in summary.data
     gate_rows = json.loads(Artifact.get("gate-inputs").data)
     assert gate_rows and all(row["success"] for row in gate_rows)
+    cells = [row[k] for row in gate_rows for k in ("observed", "expected")]
+    assert "\\>= 1 rows" in cells and not any(c.startswith(">") for c in cells)
     assert second.parent_run_id in Artifact.get("mlflow-pipeline-run").data
+    monkeypatch.chdir(project)
     assert "pipeline_summary.md" in [a.path for a in client.list_artifacts(second.parent_run_id)]
 
 
@@ -144,7 +154,7 @@ stage.main("train_reward", run)
 '''
 
 
-def test_retrain_flow_ingests_registers_and_records_the_decision(prefect_api, mlflow_uri, tmp_path):
+def test_retrain_flow_ingests_registers_and_records_the_decision(prefect_api, mlflow_uri, tmp_path, monkeypatch):
     from prefect.artifacts import Artifact
 
     stages = {"train_reward": {"cmd": "python train.py", "deps": ["train.py"], "outs": ["model.txt"]}}
@@ -165,6 +175,7 @@ def test_retrain_flow_ingests_registers_and_records_the_decision(prefect_api, ml
     assert {k: str(v) for k, v in client.get_registered_model("cyclereward").aliases.items()} == {"challenger": "1"}
     parent = client.get_run(first.pipeline_run_id)
     assert parent.data.tags["retrain.decision"] == "kept"
+    monkeypatch.chdir(project)
     assert "retrain_decision.md" in [a.path for a in client.list_artifacts(first.pipeline_run_id)]
     assert "kept the champion" in Artifact.get("retrain-decision").data
 

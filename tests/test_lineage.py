@@ -101,7 +101,7 @@ def test_executed_and_skipped_stages_become_children_of_the_pipeline_run(mlflow_
 
     _write_lock(root, {"s": {**entry, "outs": [{"path": "out", "md5": "changed", "size": 1}]}})
     orphan = lineage.record_skipped(client, second, "s", root)
-    assert orphan.producer_run_id is None
+    assert orphan.producer_run_id is None and orphan.origin == lineage.FROM_DVC
     assert lineage.SOURCE_TAG not in client.get_run(orphan.child_run_id).data.tags
 
 
@@ -117,29 +117,3 @@ def test_plain_dvc_repro_logs_top_level_runs(mlflow_uri, tmp_path, monkeypatch):
     assert len(runs) == 1
     assert lineage.PARENT_TAG not in runs[0].data.tags
     assert runs[0].info.status == "FINISHED"
-
-
-def test_outputs_of_a_plain_dvc_repro_are_adopted_by_stage_and_params(mlflow_uri, tmp_path, monkeypatch):
-    import mlflow
-
-    from cyclepref.tracking import stage_run
-
-    monkeypatch.delenv(lineage.PARENT_ENV, raising=False)
-    entry = {"cmd": "python -m tasks.s", "params": {"params.yaml": {"s": {"lr": 0.1, "n": [1, 2]}}},
-             "outs": [{"path": "out", "md5": "abc", "size": 1}]}
-    _write_lock(tmp_path, {"s": entry})
-    runs = {}
-    for lr in (0.1, 0.2):
-        with stage_run("s", None, "flowtest") as run:
-            mlflow.log_params({"lr": lr, "n": [1, 2], "seed": 0})
-        runs[lr] = run.info.run_id
-    client = lineage.client(tmp_path)
-    parent = lineage.start_pipeline_run(client, tmp_path, "flowtest", "test")
-    first = lineage.record_skipped(client, parent, "s", tmp_path)
-    assert first.producer_run_id == runs[0.1]
-    adopted = client.get_run(runs[0.1]).data.tags
-    assert adopted[lineage.LOCK_TAG] == lineage.lock_hash(entry) and adopted[lineage.ADOPTED_TAG] == "adopted"
-    assert lineage.LOCK_TAG not in client.get_run(runs[0.2]).data.tags
-    assert lineage.record_skipped(client, parent, "s", tmp_path).producer_run_id == runs[0.1]
-    _write_lock(tmp_path, {"s": {**entry, "params": {"params.yaml": {"s": {"lr": 0.3}}}}})
-    assert lineage.record_skipped(client, parent, "s", tmp_path).producer_run_id is None

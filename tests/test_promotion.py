@@ -172,6 +172,16 @@ def test_first_model_becomes_champion(registry):
     assert run_tags["retrain.decision"] == "promoted" and run_tags["retrain.challenger_version"] == "1"
 
 
+def test_the_benchmark_is_recorded_relative_to_the_project(registry):
+    import hashlib
+
+    out = _promote(registry, registry.trained(_outcomes(120)), _cfg(registry.root))
+    tags = registry.client.get_model_version(NAME, out.challenger_version).tags
+    assert tags["cyclepref.benchmark"] == "bench.jsonl"
+    digest = hashlib.sha256((registry.root / "bench.jsonl").read_bytes()).hexdigest()
+    assert tags["cyclepref.benchmark_digest"] == digest
+
+
 @pytest.mark.parametrize(
     ("outcomes", "margin", "promoted"),
     [

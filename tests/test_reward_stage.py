@@ -133,7 +133,9 @@ def test_stages_train_evaluate_log_and_score_from_the_registry(zoo, mlflow_uri, 
         app, ["score", "--model", "models:/cyclereward-test@champion", "red.png", "blue.png", "--text", "a red square"]
     )
     assert out.exit_code == 0, out.output
-    printed = [float(line.split("\t")[0]) for line in out.stdout.strip().splitlines()]
+    header, *lines = out.stdout.strip().splitlines()
+    assert header == "score\timage\ttext"
+    printed = [float(line.split("\t")[0]) for line in lines]
     local = RewardModel.from_pretrained(root / model_dir("combo"))
     red, blue = Image.open(root / "red.png").convert("RGB"), Image.open(root / "blue.png").convert("RGB")
     expected = local.score([red, blue], ["a red square"] * 2).tolist()

@@ -11,7 +11,8 @@ Layout of what the stages write:
   data/downstream/best_of_n/        candidates_<task>.parquet (every sample with every verifier's score), plots
   data/downstream/dpo_vlm/adapter/  peft LoRA adapter of the captioner (+ downstream.json: base model, settings)
   data/downstream/diffusion_dpo/adapter/  diffusers LoRA weights of the UNet (+ downstream.json)
-  reports/downstream/<stage>.json   DVC metrics; reports/downstream/best_of_n_<task>.csv: DVC plot data
+  reports/downstream/<stage>.json   full reports; their headline numbers, the DVC metrics, in reports/metrics/
+  reports/downstream/best_of_n_<task>.csv  DVC plot data
 Evaluator: `ground_truth` where the inputs are sandbox scenes with known content (attribute F1 of a caption or of
 the objects parsed from an image); elsewhere a model (the reward model), which favours the reward-model verifier and
 the DPO models trained on the pairs it was distilled from. Every mean is reported with a bootstrap interval over inputs.

@@ -3,8 +3,9 @@
 Layout of what the stages write:
   data/reward/<variant>/model/     the best-by-validation RewardModel (train_reward; RewardModel.from_pretrained)
   data/work/reward/<variant>/      resumable training checkpoints (not a DVC output; survives interruptions)
-  reports/reward/train.json        training metrics per variant (DVC metric)
-  reports/reward/eval.json         pairwise accuracies with 95% intervals (evaluate_reward; DVC metric)
+  reports/reward/train.json        training metrics per variant
+  reports/reward/eval.json         pairwise accuracies with 95% intervals (evaluate_reward)
+  reports/metrics/                 their headline numbers, the DVC metrics (cyclepref.metrics)
   reports/reward/eval.md           the same as a readable table, with notes on the baselines
 """
 

@@ -3,7 +3,9 @@ output column score (double, higher = better aligned).
 
 Over HTTP (`mlflow models serve`) binary columns are sent base64-encoded, e.g.
   {"dataframe_split": {"columns": ["image", "text"], "data": [["<base64 PNG>", "a red square"]]}}
-Rows with identical image bytes are decoded once and their image is encoded once per batch. The model directory
+Rows with identical image bytes are decoded once and their image is encoded once per batch. A bad row (an image
+that is not a readable PNG / JPEG, a null or empty text) fails the request with HTTP 400 and one line naming the
+row and the cause, without a stack trace. The model directory
 travels as the artifact `reward_model`; the cyclepref package travels as code, so loading needs only the pinned
 requirements. The model is logged from code (cyclepref/reward/pyfunc_entry.py), so loading it unpickles nothing, and
 `load_reward_model` reads only the MLmodel file of a model that is not one of these before refusing it.
@@ -12,11 +14,14 @@ requirements. The model is logged from code (cyclepref/reward/pyfunc_entry.py), 
 from __future__ import annotations
 
 import hashlib
+import math
 from importlib import metadata
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 ARTIFACT = "reward_model"
 ENTRY = "pyfunc_entry.py"
@@ -53,6 +58,48 @@ def signature():
     )
 
 
+class InvalidInput(MlflowException):
+    """A bad input row (HTTP 400). MLflow's scoring server puts the whole input frame in front of an exception's
+    message; this message keeps its one line, and it carries no stack trace."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        self.__dict__.setdefault("_message", value)
+
+
+def row_text(row: int, value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise InvalidInput(f"row {row}: text is null; every row needs a non-empty text")
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"row {row}: text is {'empty' if isinstance(value, str) else type(value).__name__}; "
+                           "every row needs a non-empty text")
+    return value
+
+
+def row_image(row: int, value: object):
+    """The RGB image of a row's encoded bytes (never a path: a server reads no files named by its clients)."""
+    from PIL import UnidentifiedImageError
+
+    from cyclepref.reward.data import decode
+
+    if not isinstance(value, bytes | bytearray) or not value:
+        got = "nothing" if value is None or value == b"" else type(value).__name__
+        raise InvalidInput(f"row {row}: image must be the bytes of a PNG or JPEG file (base64 over HTTP), got {got}")
+    try:
+        return decode(bytes(value))
+    except UnidentifiedImageError:
+        raise InvalidInput(f"row {row}: image is not a PNG or JPEG file ({len(value)} bytes)") from None
+    except (OSError, ValueError) as err:
+        raise InvalidInput(f"row {row}: image cannot be decoded ({err})") from None
+
+
 class RewardPyfunc(mlflow.pyfunc.PythonModel):
     """Scores (image, text) rows with a RewardModel loaded from the `reward_model` artifact."""
 
@@ -65,20 +112,27 @@ class RewardPyfunc(mlflow.pyfunc.PythonModel):
         self.model = RewardModel.from_pretrained(context.artifacts[ARTIFACT]).to(runtime.device()).eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from cyclepref.reward.data import decode
-
         missing = [c for c in ("image", "text") if c not in model_input.columns]
         if missing:
-            raise ValueError(f"reward model input needs columns image and text; missing {missing}")
+            raise InvalidInput(f"reward model input needs columns image and text; missing {missing}")
+        texts = [row_text(i, t) for i, t in enumerate(model_input["text"])]
         cache: dict[str, object] = {}
         images = []
-        for raw in model_input["image"]:
-            key = hashlib.sha256(bytes(raw)).hexdigest()
+        for i, raw in enumerate(model_input["image"]):
+            key = hashlib.sha256(raw).hexdigest() if isinstance(raw, bytes | bytearray) else None
             if key not in cache:
-                cache[key] = decode(bytes(raw))
+                cache[key] = row_image(i, raw)
             images.append(cache[key])
-        scores = self.model.score(images, [str(t) for t in model_input["text"]], batch_size=self.batch_size)
+        scores = self.model.score(images, texts, batch_size=self.batch_size)
         return pd.DataFrame({"score": scores.double().numpy()})
+
+
+def project_path(path: str | Path) -> str:
+    """`path` relative to the working directory (the project root) when inside it, so the MLmodel file that
+    records it names no checkout; else absolute."""
+    path = Path(path).resolve()
+    cwd = Path.cwd().resolve()
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
 
 
 def log_reward_model(model_dir: str | Path, name: str = "reward_model", input_example: pd.DataFrame | None = None):
@@ -88,8 +142,8 @@ def log_reward_model(model_dir: str | Path, name: str = "reward_model", input_ex
     package = Path(cyclepref.__file__).resolve().parent
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=str(package / "reward" / "pyfunc_entry.py"),
-        artifacts={ARTIFACT: str(Path(model_dir).resolve())},
+        python_model=project_path(package / "reward" / "pyfunc_entry.py"),
+        artifacts={ARTIFACT: project_path(model_dir)},
         signature=signature(),
         input_example=input_example,
         pip_requirements=pinned_requirements(),
@@ -138,9 +192,9 @@ def load_reward_model(uri: str):
         return RewardModel.from_pretrained(path)
     if "://" not in uri and not uri.startswith(("models:", "runs:")) and not path.exists():
         raise RewardModelError(f"{uri}: no such model directory (or pass an MLflow URI such as models:/name@alias)")
-    from cyclepref.tracking import tracking_uri
+    from cyclepref.tracking import use_store
 
-    mlflow.set_tracking_uri(tracking_uri())
+    use_store()
     check_reward_mlmodel(uri)
     wrapped = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     if not isinstance(wrapped, RewardPyfunc):

@@ -1,0 +1,124 @@
+"""Sharing with a team: DVC outputs through a DVC remote (a fresh clone pulls instead of recomputing) and MLflow runs
+and registered models through a tracking server with proxied artifacts (readable from another checkout)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from flow_projects import GIT, command_project
+from PIL import Image
+
+DVC = [sys.executable, "-m", "dvc"]
+STAGES = {
+    "make": {"cmd": "python -c \"open('data.txt', 'w').write('expensive result')\"", "outs": ["data.txt"]},
+    "count": {"cmd": "python -c \"import json; json.dump({'chars': len(open('data.txt').read())}, "
+                     "open('count.json', 'w'))\"",
+              "deps": ["data.txt"], "metrics": [{"count.json": {"cache": False}}]},
+}
+
+
+def run(args: list[str], cwd: Path) -> str:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def test_a_fresh_clone_pulls_the_outputs_from_a_dvc_remote_and_runs_nothing(tmp_path):
+    project = command_project(tmp_path / "project", STAGES)
+    run([*DVC, "repro"], project)
+    run([*DVC, "remote", "add", "-d", "shared", str(tmp_path / "dvc-remote")], project)
+    run([*GIT, "add", "-A"], project)
+    run([*GIT, "commit", "-qm", "outputs and remote"], project)
+    run([*DVC, "push"], project)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    assert not (clone / "data.txt").exists()
+    run([*DVC, "pull"], clone)
+    assert (clone / "data.txt").read_text() == "expensive result"
+    assert "up to date" in run([*DVC, "status"], clone)
+    assert "Running stage" not in run([*DVC, "repro"], clone)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """`mlflow server` with proxied artifacts, as the README starts it for a team."""
+    home = tmp_path / "server"
+    home.mkdir()
+    port = free_port()
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination",
+         str(home / "mlartifacts")],
+        cwd=home, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.mark.slow
+def test_runs_and_the_registered_model_are_readable_from_another_checkout(server, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from cyclepref import tracking
+    from cyclepref.models import zoo
+    from cyclepref.reward.model import RewardModel
+    from cyclepref.reward.pyfunc import load_reward_model, log_reward_model
+
+    monkeypatch.setenv("CYCLEPREF_MLFLOW_URI", server)
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.mkdir()
+    theirs.mkdir()
+    monkeypatch.chdir(mine)
+    backbone = zoo.build("blip_itm", mine / "zoo", seed=0, image_size=32)
+    RewardModel.from_backbone(str(backbone), seed=0, max_length=16).save_pretrained(mine / "reward")
+    with tracking.stage_run("train_reward", None, "test") as run_:
+        mlflow.log_text("hello", "notes/hello.txt")
+        info = log_reward_model(mine / "reward")
+    version = mlflow.register_model(info.model_uri, "cyclereward")
+    MlflowClient(server).set_registered_model_alias("cyclereward", "champion", version.version)
+    image = Image.new("RGB", (32, 32), "red")
+    mine_score = load_reward_model("models:/cyclereward@champion").score([image], ["a red square"]).tolist()
+
+    monkeypatch.chdir(theirs)
+    client = MlflowClient(tracking.use_store())
+    assert client.get_run(run_.info.run_id).info.artifact_uri.startswith("mlflow-artifacts:/")
+    assert Path(client.download_artifacts(run_.info.run_id, "notes/hello.txt")).read_text() == "hello"
+    their_score = load_reward_model("models:/cyclereward@champion").score([image], ["a red square"]).tolist()
+    assert their_score == pytest.approx(mine_score)
+    assert not (theirs / "mlruns").exists() and not (mine / "mlruns").exists()
