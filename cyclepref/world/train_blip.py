@@ -1,8 +1,9 @@
 """The sandbox's pretrained BLIP: a BlipForImageTextRetrieval trained with image-text matching on world data.
 
 It stands where the paper's BLIP checkpoint stands: a backbone that has seen images with their captions, from which
-train_reward starts. Its ITM head learns to tell an image's own caption (or a paraphrase) from another scene's
-caption drawn from the same batch, as BLIP pretraining does; it never sees a preference or a cycle score.
+train_reward starts. As in BLIP pretraining, an image-text contrastive loss (ITC) aligns the unimodal encoders and an
+image-text matching loss (ITM) teaches the cross-attending text encoder to tell an image's own caption (or a
+paraphrase) from another scene's caption drawn from the same batch; it never sees a preference or a cycle score.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cyclepref.world.data import training_examples, zero_unused_rows
 from cyclepref.world.scene import IMAGE_SIZE
 
 MAX_LENGTH = 64
+ITC_TEMPERATURE = 0.07
 
 
 def build(seed: int):
@@ -27,7 +29,7 @@ def build(seed: int):
     tok = tk.build_blip_tokenizer()
     config = BlipConfig(
         vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=3, num_attention_heads=4),
+                           num_hidden_layers=3, num_attention_heads=4, initializer_range=0.02),
         text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, max_position_embeddings=128, encoder_hidden_size=64,
                          bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id),
@@ -40,8 +42,15 @@ def build(seed: int):
     return model, BlipProcessor(image_processor=ip, tokenizer=tok)
 
 
+def itc_loss(model, pixels, ids, mask) -> torch.Tensor:
+    """Symmetric contrastive loss of the batch's image and text projections (the i-th text belongs to image i)."""
+    sim = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_itm_head=False).itm_score
+    target = torch.arange(sim.shape[0])
+    return (F.cross_entropy(sim / ITC_TEMPERATURE, target) + F.cross_entropy(sim.T / ITC_TEMPERATURE, target)) / 2
+
+
 def train(out: Path, steps: int, seed: int, n_scenes: int, batch_size: int, lr: float, log=print) -> list[float]:
-    """ITM training: each image with its own text (label 1) and with a shifted in-batch text (label 0)."""
+    """ITC + ITM: each image with its own text (ITM label 1) and with a shifted in-batch text (label 0)."""
     examples = list(training_examples(n_scenes, seed))
     model, processor = build(seed)
     pixels = processor.image_processor([e[0] for e in examples], return_tensors="pt")["pixel_values"]
@@ -59,10 +68,11 @@ def train(out: Path, steps: int, seed: int, n_scenes: int, batch_size: int, lr: 
         text_idx = torch.cat([idx, idx.roll(shift)])
         ids, mask = texts[which]["input_ids"][text_idx], texts[which]["attention_mask"][text_idx]
         keep = mask.sum(0) > 0
-        logits = model(input_ids=ids[:, keep], attention_mask=mask[:, keep],
-                       pixel_values=pixels[idx].repeat(2, 1, 1, 1), use_itm_head=True).itm_score
+        ids, mask = ids[:, keep], mask[:, keep]
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels[idx].repeat(2, 1, 1, 1),
+                       use_itm_head=True).itm_score
         labels = torch.cat([torch.ones(batch_size), torch.zeros(batch_size)]).long()
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels) + itc_loss(model, pixels[idx], ids[:batch_size], mask[:batch_size])
         opt.zero_grad()
         loss.backward()
         opt.step()
