@@ -118,6 +118,25 @@ def test_auto_resume_continues_and_a_changed_config_starts_fresh(backbone, tmp_p
         train_variant("t2i", cfg, source, tmp_path / "out", tmp_path / "w2", resume=checkpoints(work)[-1])
 
 
+def test_changed_backbone_weights_start_fresh(backbone, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = SyntheticPairSource({"train": 16, "valid": 4, "test": 4})
+    copy = tmp_path / "backbone"
+    shutil.copytree(backbone, copy)
+    cfg = config(str(copy), "t2i", lr={"t2i": 1e-3}, batch_size=8)
+    work = tmp_path / "work"
+    assert train_variant("t2i", cfg, source, tmp_path / "out", work).resumed_from is None
+    weights = next(copy.glob("*.safetensors"))
+    state = load_file(weights)
+    name = next(iter(state))
+    state[name] = state[name] + 1.0
+    save_file(state, weights, metadata={"format": "pt"})
+    assert train_variant("t2i", cfg, source, tmp_path / "out", work).resumed_from is None
+
+
 def test_early_stopping_keeps_the_best_and_stops(backbone, tmp_path):
     source = SyntheticPairSource({"train": 32, "valid": 8, "test": 8})
     cfg = config(backbone, "i2t", lr={"i2t": 0.0}, batch_size=4, validations_per_epoch=4, patience=2, epochs=5)

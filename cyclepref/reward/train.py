@@ -139,8 +139,12 @@ class TrainResult:
 
 
 def fingerprint_body(variant: str, cfg) -> dict:
-    """The TrainReward settings that shape one variant's training (checkpointing settings excluded)."""
+    """The TrainReward settings that shape one variant's training (checkpointing settings excluded), and the
+    backbone's weights (a content hash of a local directory, or hub id and revision)."""
+    from cyclepref.models import fingerprint as model_fingerprint
+
     body = cfg.model_dump(mode="json")
+    body["backbone_weights"] = model_fingerprint(cfg.model.path, cfg.model.revision)
     body["variants"] = [variant]
     body["lr"] = {variant: cfg.lr[variant]}
     body["weight_decay"] = {variant: cfg.weight_decay[variant]}
