@@ -92,41 +92,36 @@ class BootstrapModels(Section):
     image_size: int = Field(32, gt=0, multiple_of=8, description="Native resolution of the tiny vision towers.")
 
 
-class WorldCaptionerTraining(Section):
-    """The sandbox captioner ladder: one LLaVA training run saved at each of `steps` (cyclepref.world)."""
+class WorldModelTraining(Section):
+    """What every world model's training run takes (cyclepref.world.train_*)."""
 
     scenes: int = Field(10000, gt=0, description="Distinct training scenes (never pipeline or benchmark scenes).")
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0.0)
-    steps: list[PositiveInt] = Field(min_length=1, description="Increasing steps at which a captioner is saved.")
 
 
-class WorldClipTraining(Section):
-    """The sandbox open_clip CLIP (I2T image similarity and CLIPScore)."""
+class WorldLadderTraining(WorldModelTraining):
+    """One training run saved at each of `steps`: a ladder of models of increasing quality."""
 
-    scenes: int = Field(10000, gt=0)
-    batch_size: int = Field(128, gt=0)
-    lr: float = Field(1e-3, gt=0.0)
-    steps: int = Field(gt=0)
+    steps: list[PositiveInt] = Field(min_length=1, description="Strictly increasing steps at which a model is saved.")
+
+    @model_validator(mode="after")
+    def _increasing(self) -> WorldLadderTraining:
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise ValueError(f"steps must be strictly increasing, got {self.steps}")
+        return self
 
 
-class WorldT2ITraining(Section):
-    """The sandbox text-to-image ladder: VAE, then UNet + text encoder saved at each of `steps`."""
+class WorldT2ITraining(WorldLadderTraining):
+    """The sandbox text-to-image ladder: a VAE first, then UNet + text encoder saved at each of `steps`."""
 
-    scenes: int = Field(10000, gt=0)
-    batch_size: int = Field(32, gt=0)
-    lr: float = Field(1e-3, gt=0.0)
     vae_steps: int = Field(gt=0)
     vae_lr: float = Field(1e-3, gt=0.0)
-    steps: list[PositiveInt] = Field(min_length=1, description="Increasing steps at which a pipeline is saved.")
 
 
-class WorldBlipTraining(Section):
-    """The sandbox BLIP ITM backbone of the reward model (image-text matching pretraining)."""
+class WorldOneModelTraining(WorldModelTraining):
+    """A model saved once, after `steps` (the CLIP; the BLIP ITM backbone of the reward model)."""
 
-    scenes: int = Field(10000, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(5e-4, gt=0.0)
     steps: int = Field(gt=0)
 
 
@@ -134,10 +129,10 @@ class WorldTraining(Section):
     """Training of the sandbox's world models (stage train_world@<model>), all from `seed`."""
 
     seed: NonNegativeInt = 0
-    captioner: WorldCaptionerTraining
-    clip: WorldClipTraining
+    captioner: WorldLadderTraining
+    clip: WorldOneModelTraining
     t2i: WorldT2ITraining
-    blip: WorldBlipTraining
+    blip: WorldOneModelTraining
 
 
 class WorldScenes(Section):

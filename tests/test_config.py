@@ -176,3 +176,10 @@ def test_profile_check_rejects_a_value_outside_its_constraint(tmp_path, monkeypa
     res = CliRunner().invoke(app, ["profile", "check"])
     assert res.exit_code == 2
     assert ".".join(path) in res.output and reason in res.output
+
+
+def test_world_ladders_must_increase():
+    data = _default()
+    data["world"]["train"]["captioner"]["steps"] = [300, 200]
+    with pytest.raises(ParamsError, match="world.train.captioner.*strictly increasing"):
+        parse_params(data)
