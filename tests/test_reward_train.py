@@ -139,7 +139,7 @@ def test_changed_backbone_weights_start_fresh(backbone, tmp_path):
 
 def test_early_stopping_keeps_the_best_and_stops(backbone, tmp_path):
     source = SyntheticPairSource({"train": 32, "valid": 8, "test": 8})
-    cfg = config(backbone, "i2t", lr={"i2t": 0.0}, batch_size=4, validations_per_epoch=4, patience=2, epochs=5)
+    cfg = config(backbone, "i2t", lr={"i2t": 1e-12}, batch_size=4, validations_per_epoch=4, patience=2, epochs=5)
     result = train_variant("i2t", cfg, source, tmp_path / "out", tmp_path / "work", resume=None)
     assert result.stopped_early and result.steps == 6 and result.best_step == 2
     assert [h["improved"] for h in result.history] == [True, False, False]
