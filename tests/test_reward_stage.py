@@ -8,10 +8,8 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import mlflow
@@ -20,6 +18,7 @@ import pytest
 import torch
 from fixtures.pipeline_tables import write_params
 from fixtures.reward.tables import write_reward_tables
+from servers import free_port, wait_until_up
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -149,12 +148,6 @@ def test_stages_train_evaluate_log_and_score_from_the_registry(zoo, mlflow_uri, 
     assert bad.exit_code == 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def png_b64(rgb: tuple[int, int, int]) -> str:
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), rgb).save(buf, format="PNG")
@@ -180,16 +173,7 @@ def test_logged_pyfunc_serves_scores_over_http(zoo, mlflow_uri, tmp_path):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not answer /ping within 120 s"
-            time.sleep(0.5)
+        wait_until_up(proc, f"{url}/ping", tmp_path / "serve.log")
         colours = [(220, 30, 30), (30, 30, 220), (220, 30, 30)]
         texts = ["a red square", "a red square", "a blue square"]
         body = {"dataframe_split": {"columns": ["image", "text"],

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from flow_projects import GIT, command_project
+from servers import free_port, wait_until_up
 from PIL import Image
 
 DVC = [sys.executable, "-m", "dvc"]
@@ -46,12 +44,6 @@ def test_a_fresh_clone_pulls_the_outputs_from_a_dvc_remote_and_runs_nothing(tmp_
     assert "Running stage" not in run([*DVC, "repro"], clone)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path):
     """`mlflow server` with proxied artifacts, as the README starts it for a team."""
@@ -69,16 +61,7 @@ def server(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
-            time.sleep(0.5)
+        wait_until_up(proc, f"{url}/health", home / "server.log")
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
