@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from cyclepref.world.params import WorldTraining
+
 DType = Literal["float32", "float16", "bfloat16"]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -90,49 +92,6 @@ class BootstrapModels(Section):
         default_factory=list
     )
     image_size: int = Field(32, gt=0, multiple_of=8, description="Native resolution of the tiny vision towers.")
-
-
-class WorldModelTraining(Section):
-    """What every world model's training run takes (cyclepref.world.train_*)."""
-
-    scenes: int = Field(10000, gt=0, description="Distinct training scenes (never pipeline or benchmark scenes).")
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(1e-3, gt=0.0)
-
-
-class WorldLadderTraining(WorldModelTraining):
-    """One training run saved at each of `steps`: a ladder of models of increasing quality."""
-
-    steps: list[PositiveInt] = Field(min_length=1, description="Strictly increasing steps at which a model is saved.")
-
-    @model_validator(mode="after")
-    def _increasing(self) -> WorldLadderTraining:
-        if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
-            raise ValueError(f"steps must be strictly increasing, got {self.steps}")
-        return self
-
-
-class WorldT2ITraining(WorldLadderTraining):
-    """The sandbox text-to-image ladder: a VAE first, then UNet + text encoder saved at each of `steps`."""
-
-    vae_steps: int = Field(gt=0)
-    vae_lr: float = Field(1e-3, gt=0.0)
-
-
-class WorldOneModelTraining(WorldModelTraining):
-    """A model saved once, after `steps` (the CLIP; the BLIP ITM backbone of the reward model)."""
-
-    steps: int = Field(gt=0)
-
-
-class WorldTraining(Section):
-    """Training of the sandbox's world models (stage train_world@<model>), all from `seed`."""
-
-    seed: NonNegativeInt = 0
-    captioner: WorldLadderTraining
-    clip: WorldOneModelTraining
-    t2i: WorldT2ITraining
-    blip: WorldOneModelTraining
 
 
 class WorldScenes(Section):

@@ -3,40 +3,35 @@
 model: captioner (LLaVA ladder), clip (open_clip), t2i (Stable Diffusion ladder), blip (BLIP ITM backbone).
 The weights are small and committed as non-cached DVC outputs, so `make run` reuses them; the loss curve goes to
 reports/world/train_<model>.json.
+
+The frame is deliberately small: params come from `world.train` alone (cyclepref/world/params.py) and the stage
+logs no MLflow run of its own (lineage records it), so its DVC dependencies are exactly what decides the weights
+and an edit to the pipeline's wiring never retrains the world models. The trainer is imported by name
+(DYNAMIC_IMPORTS, which the dependency check reads), so each train_world@<model> depends on its own trainer only.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
 
-from cyclepref import stage
-from cyclepref.config import Params, require
-from cyclepref.store import atomic_dir
+from cyclepref.atomic import atomic_dir
+from cyclepref.world.params import load_training
 
 MODELS = ("captioner", "clip", "t2i", "blip")
+DYNAMIC_IMPORTS = "cyclepref.world.train_{item}"
 OUT = Path("data/world/models")
 REPORT = Path("reports/world")
 
 
 def _train(model: str, cfg, seed: int, out: Path) -> dict[str, list[float]]:
-    common = dict(seed=seed, n_scenes=cfg.scenes, batch_size=cfg.batch_size, lr=cfg.lr)
-    if model == "captioner":
-        from cyclepref.world.train_captioner import train
-
-        return {"captioner": train(out, steps=cfg.steps, **common)}
-    if model == "clip":
-        from cyclepref.world.train_clip import train
-
-        return {"clip": train(out, steps=cfg.steps, **common)}
+    trainer = importlib.import_module(DYNAMIC_IMPORTS.format(item=model))
+    kw = dict(seed=seed, n_scenes=cfg.scenes, batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.steps)
     if model == "t2i":
-        from cyclepref.world.train_t2i import train
-
-        return train(out, vae_steps=cfg.vae_steps, steps=cfg.steps, vae_lr=cfg.vae_lr, **common)
-    from cyclepref.world.train_blip import train
-
-    return {"blip": train(out, steps=cfg.steps, **common)}
+        return trainer.train(out, vae_steps=cfg.vae_steps, vae_lr=cfg.vae_lr, **kw)
+    return {model: trainer.train(out, **kw)}
 
 
 def curve_summary(losses: list[float], window: int = 50) -> dict:
@@ -46,13 +41,13 @@ def curve_summary(losses: list[float], window: int = 50) -> dict:
                          for i in range(0, len(losses), window)]}
 
 
-def run(params: Params, root: Path, model: str) -> dict:
+def run(root: Path, model: str, params_file: str = "params.yaml") -> dict:
     import torch
 
     torch.use_deterministic_algorithms(True)
-    world = require(params.world, "world")
+    train = load_training(root / params_file)
     with atomic_dir(root / OUT / model) as tmp:
-        curves = _train(model, getattr(world.train, model), world.train.seed, tmp)
+        curves = _train(model, getattr(train, model), train.seed, tmp)
     report = {name: curve_summary(c) for name, c in curves.items()}
     (root / REPORT).mkdir(parents=True, exist_ok=True)
     (root / REPORT / f"train_{model}.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -63,7 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0] not in MODELS:
         raise SystemExit(f"usage: python -m tasks.train_world <model>   (model in: {', '.join(MODELS)})")
-    stage.main(f"train_world@{args[0]}", lambda params, root: run(params, root, args[0]))
+    try:
+        summary = run(Path.cwd(), args[0])
+    except ValueError as err:
+        print(f"train_world@{args[0]}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"train_world@{args[0]}: " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()))
 
 
 if __name__ == "__main__":
