@@ -39,7 +39,7 @@ class ModelRef(Section):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$", description="Short stable id used in tables.")
     path: str = Field(min_length=1, description="Hub id (org/name) or a local directory written by save_pretrained.")
-    revision: str | None = Field(None, description="Hub revision; ignored for local directories.")
+    revision: str | None = Field(None, description="Hub revision (commit hash); ignored for local directories.")
     dtype: DType = Field("float32", description="Weights dtype on the accelerator; CPU always runs float32.")
     trust_remote_code: bool = Field(False, description="Allow code from the model repository (InternVL needs it).")
 
@@ -75,6 +75,7 @@ class ImageMetricSpec(Section):
 
     kind: Literal["open_clip", "dreamsim", "lpips"]
     path: str = Field(description="open_clip: directory or hf-hub id; dreamsim: weights directory; lpips: net name.")
+    revision: str | None = Field(None, description="Hub revision (commit hash) of an hf-hub: open_clip model.")
 
 
 class TextMetricSpec(Section):
@@ -82,6 +83,7 @@ class TextMetricSpec(Section):
 
     kind: Literal["sbert"] = "sbert"
     path: str = Field(description="sentence-transformers directory or hub id (paper: all-MiniLM-L6-v2).")
+    revision: str | None = Field(None, description="Hub revision (commit hash); ignored for local directories.")
 
 
 class BootstrapModels(Section):
@@ -342,7 +344,7 @@ class RewardBackbone(Section):
     """The reward model (PAPER.md §4): a BLIP image-text matching backbone plus the MLP head."""
 
     path: str = Field(min_length=1, description="BLIP ITM checkpoint: hub id or local directory (save_pretrained).")
-    revision: str | None = Field(None, description="Hub revision; ignored for local directories.")
+    revision: str | None = Field(None, description="Hub revision (commit hash); ignored for local directories.")
     head_widths: list[PositiveInt] | None = Field(
         None,
         min_length=1,

@@ -217,7 +217,7 @@ def score_i2t(ctx: Context, metric, batch_size: int) -> dict:
     from cyclepref.scoring import DIRECTIONS
 
     cands = store.read_table(ctx.path("i2t_candidates"), tables.I2T_CANDIDATES)
-    metric_hash = key_of("metric", metric.kind, ctx.fingerprint(metric.path, None))
+    metric_hash = key_of("metric", metric.kind, ctx.fingerprint(metric.path, metric.revision))
     work = ctx.work("score_i2t", SCORE_ROWS)
     sim = None
     originals: dict = {}
@@ -358,7 +358,7 @@ def score_t2i(ctx: Context, metric, batch_size: int) -> dict:
 
     recs = store.read_table(ctx.path("t2i_reconstructions"), tables.T2I_RECONSTRUCTIONS)
     prompts = {r["input_id"]: r["prompt"] for r in read_inputs(ctx, "prompt").select(["input_id", "prompt"]).to_pylist()}
-    metric_hash = key_of("metric", metric.kind, ctx.fingerprint(metric.path, None))
+    metric_hash = key_of("metric", metric.kind, ctx.fingerprint(metric.path, metric.revision))
     rows = recs.select(["candidate_id", "input_id", "model", "text"]).to_pylist()
     keys = [key_of(r["candidate_id"], r["text"], metric_hash) for r in rows]
     work = ctx.work("score_t2i", SCORE_ROWS)

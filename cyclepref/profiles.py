@@ -1,5 +1,11 @@
-"""Which params sections the stages of dvc.yaml read, read from dvc.yaml itself (each stage's `params:` list, foreach
-stages expanded), so a profile is checked against exactly the stages `dvc repro` will run, new ones included."""
+"""Profile checks beyond the schema.
+
+- Sections: which params sections the stages of dvc.yaml read, read from dvc.yaml itself (each stage's `params:`
+  list, foreach stages expanded), so a profile is checked against exactly the stages `dvc repro` will run.
+- Pinned models: every hub model carries a revision that is a commit hash (a `revision` key, or `@<commit>` after an
+  `hf-hub:` id), so that the item keys name exact weights and a changed hub repository never goes unnoticed. A local
+  directory needs none: its item key is the hash of its files.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,13 @@ from pathlib import Path
 
 import yaml
 
+from pydantic import BaseModel
+
 from cyclepref.config import Params, ParamsError
 
 PARAMS_FILE = "params.yaml"
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _TEMPLATE = re.compile(r"\$\{\s*(key|item)(?:\.([\w-]+))?\s*\}")
 
 
@@ -67,8 +77,93 @@ def missing_sections(params: Params, dvc_file: str | Path, stages: list[str] | N
 
 
 def require_sections(params: Params, dvc_file: str | Path, source: str, stages: list[str] | None = None) -> None:
-    """Raise ParamsError naming every section the stages read that the profile `source` lacks."""
+    """Raise ParamsError naming every section the stages read that the profile `source` lacks, and every input path
+    of a stage's section that dvc.yaml does not list among its deps."""
     missing = missing_sections(params, dvc_file, stages)
     if missing:
         lines = [f"  {section}: read by {', '.join(users)}" for section, users in missing.items()]
         raise ParamsError(f"{source}: missing section(s) that the stages of {dvc_file} read:\n" + "\n".join(lines))
+    undeclared = [line for line in undeclared_inputs(params, dvc_file)
+                  if stages is None or line.split(":", 1)[0] in stages]
+    if undeclared:
+        raise ParamsError(f"{source}: stage inputs missing from deps:\n" + "\n".join(f"  {u}" for u in undeclared))
+
+
+def is_hub_id(path: str, root: Path) -> bool:
+    """Loaders read `path` as a hub id when no such local directory exists and it has the form org/name."""
+    return HUB_ID.match(path) is not None and not (Path(root) / path).exists()
+
+
+def unpinned_models(section: object, where: str, root: Path) -> list[str]:
+    """`key: why` for every hub model under `section` (a params section, list or value) without a commit hash."""
+    found: list[str] = []
+    if isinstance(section, BaseModel):
+        fields = type(section).model_fields
+        path, revision = getattr(section, "path", None), getattr(section, "revision", "")
+        if "revision" in fields and isinstance(path, str) and is_hub_id(path, root) and not COMMIT.match(revision or ""):
+            found.append(f"{where}: hub model {path} needs `revision: <40-hex commit hash>` (got {revision!r})")
+        for name in fields:
+            found += unpinned_models(getattr(section, name), f"{where}.{name}", root)
+    elif isinstance(section, list | tuple):
+        for i, value in enumerate(section):
+            found += unpinned_models(value, f"{where}[{i}]", root)
+    elif isinstance(section, str) and section.startswith("hf-hub:"):
+        if not COMMIT.match(section.partition("@")[2]):
+            found.append(f"{where}: {section} needs a commit: hf-hub:<org/name>@<40-hex commit hash>")
+    return found
+
+
+def require_pinned(params: Params, source: str, root: Path, sections: set[str] | None = None) -> None:
+    """Raise ParamsError naming every hub model of the profile (or of `sections`) without a commit hash."""
+    names = sorted(sections) if sections is not None else list(type(params).model_fields)
+    found = [line for name in names for line in unpinned_models(getattr(params, name, None), name, root)]
+    if found:
+        raise ParamsError(f"{source}: unpinned hub model(s):\n" + "\n".join(f"  {line}" for line in found))
+
+
+def _local_paths(value: object, where: str) -> list[tuple[str, str]]:
+    """(key, path) for every string under `value` stored in a field named path / *_path / clip that names a local
+    file or directory: it has a `/`, is no `hf-hub:` id, and is no hub id where a model is meant (a section with a
+    `revision`, or a `clip`)."""
+    if isinstance(value, BaseModel):
+        found = []
+        fields = type(value).model_fields
+        for name in fields:
+            field = getattr(value, name)
+            if isinstance(field, str) and (name in ("path", "clip") or name.endswith("_path")):
+                model = name == "clip" or "revision" in fields
+                if "/" in field and not field.startswith("hf-hub:") and not (model and HUB_ID.match(field)):
+                    found.append((f"{where}.{name}", field))
+            else:
+                found += _local_paths(field, f"{where}.{name}")
+        return found
+    if isinstance(value, list | tuple):
+        return [p for i, v in enumerate(value) for p in _local_paths(v, f"{where}[{i}]")]
+    return []
+
+
+def stage_deps(dvc_file: str | Path, params: Params) -> dict[str, list[str]]:
+    """stage name -> its deps as written in dvc.yaml, `${a.b}` filled in from `params` (foreach stages left out)."""
+    data = yaml.safe_load(Path(dvc_file).read_text()) or {}
+    values = params.model_dump()
+
+    def fill(m: re.Match) -> str:
+        value: object = values
+        for part in m.group(1).split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return str(value)
+
+    return {name: [re.sub(r"\$\{\s*([\w.\-]+)\s*\}", fill, d) for d in stage.get("deps", [])]
+            for name, stage in (data.get("stages") or {}).items() if "foreach" not in stage}
+
+
+def undeclared_inputs(params: Params, dvc_file: str | Path) -> list[str]:
+    """`stage: key = path` for every local file or directory a stage's own params section names that is not among
+    the stage's deps in dvc.yaml: a new version of it would leave the stage's outputs stale."""
+    found = []
+    for stage, deps in stage_deps(dvc_file, params).items():
+        for key, path in _local_paths(getattr(params, stage, None), stage):
+            norm = path.rstrip("/")
+            if not any(norm == d.rstrip("/") or norm.startswith(d.rstrip("/") + "/") for d in deps):
+                found.append(f"{stage}: {key} = {path} is not among its deps in {dvc_file}")
+    return found

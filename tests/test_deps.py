@@ -86,3 +86,28 @@ def test_editing_a_shared_module_makes_exactly_its_importers_stale(tmp_path):
     assert {"generate_i2t", "score_t2i", "make_benchmark", "best_of_n"} <= importers
     assert not any(s.startswith("train_world@") for s in importers)
     assert newly == importers
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", "configs/tiny.yaml", "configs/paper.yaml"])
+def test_every_input_a_profile_names_is_a_dep_of_the_stage_reading_it(profile):
+    from cyclepref.config import load_params
+    from cyclepref.profiles import undeclared_inputs
+
+    assert undeclared_inputs(load_params(ROOT / profile), ROOT / "dvc.yaml") == []
+
+
+def test_a_stage_input_outside_its_deps_is_refused():
+    import yaml
+
+    from cyclepref.config import ParamsError, parse_params
+    from cyclepref.profiles import require_sections
+
+    data = yaml.safe_load((ROOT / "configs/paper.yaml").read_text())
+    data["train_reward"]["data"]["t2i_path"] = "data/cycleprefdb/t2i"
+    data["evaluate_reward"]["benchmarks"][0]["path"] = "elsewhere/pairs.jsonl"
+    params = parse_params(data, "paper.yaml")
+    with pytest.raises(ParamsError) as err:
+        require_sections(params, ROOT / "dvc.yaml", "paper.yaml")
+    assert "train_reward: train_reward.data.t2i_path = data/cycleprefdb/t2i" in str(err.value)
+    assert "evaluate_reward: evaluate_reward.benchmarks[0].path = elsewhere/pairs.jsonl" in str(err.value)
+    require_sections(params, ROOT / "dvc.yaml", "paper.yaml", ["dpo_vlm"])

@@ -12,14 +12,30 @@ from cyclepref.models import ModelLoadError, load_failed, locate
 from cyclepref.scoring import DIRECTIONS, Direction
 
 
-class ImageEmbedder:
-    """open_clip image (and text) embeddings, L2-normalised. Loads `local-dir:` directories or `hf-hub:` ids."""
+def open_clip_ident(path: str, revision: str | None = None) -> str:
+    """The open_clip model id of a directory or an `hf-hub:<org/name>[@<commit>]` id. A pinned hub model is read
+    from the Hugging Face cache at that commit (open_clip's own hf-hub loader has no revision)."""
+    if path.startswith("local-dir:"):
+        return path
+    if not path.startswith("hf-hub:"):
+        return f"local-dir:{locate(path)}"
+    repo, _, pinned = path[len("hf-hub:") :].partition("@")
+    if not (pinned or revision):
+        return path
+    from huggingface_hub import snapshot_download
 
-    def __init__(self, path: str, device: str = "cpu"):
+    return f"local-dir:{snapshot_download(repo, revision=pinned or revision)}"
+
+
+class ImageEmbedder:
+    """open_clip image (and text) embeddings, L2-normalised. Loads directories or `hf-hub:` ids (pinned with
+    `@<commit>` or `revision`)."""
+
+    def __init__(self, path: str, device: str = "cpu", revision: str | None = None):
         import open_clip
 
-        ident = path if path.startswith(("hf-hub:", "local-dir:")) else f"local-dir:{locate(path)}"
         try:
+            ident = open_clip_ident(path, revision)
             model, _, preprocess = open_clip.create_model_and_transforms(ident, device=device)
             self.tokenizer = open_clip.get_tokenizer(ident)
         except Exception as err:
@@ -50,7 +66,7 @@ class ImageSimilarity:
         self.kind, self.device = spec.kind, device
         self.direction: Direction = DIRECTIONS[spec.kind]
         if spec.kind == "open_clip":
-            self._clip = ImageEmbedder(spec.path, device)
+            self._clip = ImageEmbedder(spec.path, device, spec.revision)
         elif spec.kind == "dreamsim":
             try:
                 from dreamsim import dreamsim
@@ -97,7 +113,7 @@ class TextSimilarity:
         from sentence_transformers import SentenceTransformer
 
         try:
-            self.model = SentenceTransformer(locate(spec.path), device=device)
+            self.model = SentenceTransformer(locate(spec.path), device=device, revision=spec.revision)
         except Exception as err:
             raise load_failed(spec.path, err) from err
 
