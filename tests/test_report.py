@@ -124,6 +124,22 @@ def test_each_idea_is_one_chart_with_a_colour_per_series(tmp_path):
     assert len(titles) == 2 and all(titles)
 
 
+
+def test_dvc_plots_page_needs_no_network(tmp_path):
+    """The project's `dvc plots show` page inlines Vega: no script is fetched from a CDN, and the libraries the
+    chart code calls (vega, vegaLite, vegaEmbed) are defined in the page itself."""
+    import re
+
+    out = tmp_path / "plots"
+    subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", str(out)], cwd=ROOT, check=True,
+                   capture_output=True, text=True)
+    page = (out / "index.html").read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", page)
+    assert "vegaEmbed(" in page and "best_of_n_i2t" in page
+    for name in ("vega", "vega-lite", "vega-embed"):
+        assert f"/* {name} " in page
+
+
 # ---------------------------------------------------------------- the HTML report
 
 
