@@ -4,22 +4,23 @@ and registered models through a tracking server with proxied artifacts (readable
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from flow_projects import GIT, command_project
+from flow_projects import GIT, ROOT, command_project
 from servers import free_port, wait_until_up
 from PIL import Image
 
 DVC = [sys.executable, "-m", "dvc"]
 STAGES = {
     "make": {"cmd": "python -c \"open('data.txt', 'w').write('expensive result')\"", "outs": ["data.txt"]},
-    "count": {"cmd": "python -c \"import json; json.dump({'chars': len(open('data.txt').read())}, "
-                     "open('count.json', 'w'))\"",
-              "deps": ["data.txt"], "metrics": [{"count.json": {"cache": False}}]},
+    "count": {"cmd": "python -c \"import json, os; os.makedirs('reports', exist_ok=True); "
+                     "json.dump({'chars': len(open('data.txt').read())}, open('reports/count.json', 'w'))\"",
+              "deps": ["data.txt"], "metrics": [{"reports/count.json": {"cache": False}}]},
 }
 
 
@@ -27,20 +28,51 @@ def run(args: list[str], cwd: Path) -> str:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=True).stdout
 
 
-def test_a_fresh_clone_pulls_the_outputs_from_a_dvc_remote_and_runs_nothing(tmp_path):
+def readme_dvc_sharing() -> tuple[list[str], list[str]]:
+    """The commands of the README's DVC sharing block: (the owner's, the teammate's), one per `&&` part, comments
+    removed."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Sharing with a team", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    owner: list[str] = []
+    teammate: list[str] = []
+    target = owner
+    for line in block.splitlines():
+        if line.strip().startswith("# a teammate"):
+            target = teammate
+        command = line.split("  #", 1)[0].strip()
+        if command and not command.startswith("#"):
+            target += [part.strip() for part in command.split("&&")]
+    return owner, teammate
+
+
+def play(commands: list[str], cwd: Path, remote: Path) -> str:
+    """Run README commands in a project: the remote is a local directory, `make run` is the project's `dvc repro`,
+    `make install` and `git push` (the clone reads the project directly) have nothing to do here."""
+    out = ""
+    for command in commands:
+        if command in ("make install", "git push"):
+            continue
+        command = "dvc repro" if command == "make run" else command
+        words = shlex.split(command.replace("/mnt/team/cyclepref-dvc", str(remote)))
+        args = [*DVC, *words[1:]] if words[0] == "dvc" else [*GIT, *words[1:]] if words[0] == "git" else words
+        out += run(args, cwd)
+    return out
+
+
+def test_the_readme_sharing_commands_let_a_fresh_clone_pull_and_run_nothing(tmp_path):
+    owner, teammate = readme_dvc_sharing()
+    assert any(c.startswith("dvc remote add") for c in owner) and "dvc push" in owner
+    assert teammate[-2:] == ["dvc pull", "dvc status"]
     project = command_project(tmp_path / "project", STAGES)
-    run([*DVC, "repro"], project)
-    run([*DVC, "remote", "add", "-d", "shared", str(tmp_path / "dvc-remote")], project)
-    run([*GIT, "add", "-A"], project)
-    run([*GIT, "commit", "-qm", "outputs and remote"], project)
-    run([*DVC, "push"], project)
+    play(owner, project, tmp_path / "dvc-remote")
+    assert (tmp_path / "dvc-remote").is_dir()
 
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
     assert not (clone / "data.txt").exists()
-    run([*DVC, "pull"], clone)
+    status = play(teammate, clone, tmp_path / "dvc-remote")
     assert (clone / "data.txt").read_text() == "expensive result"
-    assert "up to date" in run([*DVC, "status"], clone)
+    assert "Data and pipelines are up to date." in status
     assert "Running stage" not in run([*DVC, "repro"], clone)
 
 
