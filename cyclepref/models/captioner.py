@@ -134,7 +134,8 @@ def internvl_tiles(image: Image.Image, tile: int, min_num: int, max_num: int, th
     a whole-image thumbnail when there is more than one tile."""
     cols, rows = closest_tiling(image.width, image.height, tile, min_num, max_num)
     resized = image.resize((cols * tile, rows * tile))
-    tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+    boxes = [(c * tile, r * tile, (c + 1) * tile, (r + 1) * tile) for r in range(rows) for c in range(cols)]
+    tiles = [resized.crop(box) for box in boxes]
     if thumbnail and len(tiles) != 1:
         tiles.append(image.resize((tile, tile)))
     return tiles
