@@ -106,6 +106,105 @@ class Captioner:
         return texts
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def closest_tiling(width: int, height: int, tile: int, min_num: int, max_num: int) -> tuple[int, int]:
+    """InternVL's find_closest_aspect_ratio: the (columns, rows) grid with min_num..max_num tiles whose aspect ratio
+    is closest to the image's; on a tie the larger grid wins when the image covers over half of it."""
+    grids = sorted(
+        {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+         if min_num <= i * j <= max_num},
+        key=lambda g: g[0] * g[1],
+    )
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for g in grids:
+        diff = abs(aspect - g[0] / g[1])
+        if diff < best_diff:
+            best, best_diff = g, diff
+        elif diff == best_diff and area > 0.5 * tile * tile * g[0] * g[1]:
+            best = g
+    return best
+
+
+def internvl_tiles(image: Image.Image, tile: int, min_num: int, max_num: int, thumbnail: bool) -> list[Image.Image]:
+    """InternVL's dynamic_preprocess: resize to the closest grid of tile x tile crops, crop row by row, and append
+    a whole-image thumbnail when there is more than one tile."""
+    cols, rows = closest_tiling(image.width, image.height, tile, min_num, max_num)
+    resized = image.resize((cols * tile, rows * tile))
+    boxes = [(c * tile, r * tile, (c + 1) * tile, (r + 1) * tile) for r in range(rows) for c in range(cols)]
+    tiles = [resized.crop(box) for box in boxes]
+    if thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((tile, tile)))
+    return tiles
+
+
+def internvl_pixels(image: Image.Image, tile: int, min_num: int, max_num: int, thumbnail: bool) -> torch.Tensor:
+    """(tiles, 3, tile, tile): each tile resized bicubic to tile x tile, scaled to [0, 1], ImageNet-normalised."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    out = []
+    for t in internvl_tiles(image.convert("RGB"), tile, min_num, max_num, thumbnail):
+        x = TF.to_tensor(TF.resize(t, [tile, tile], interpolation=InterpolationMode.BICUBIC))
+        out.append(TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD))
+    return torch.stack(out)
+
+
+class InternVLCaptioner:
+    """InternVL2 through its repository code (AutoModel + trust_remote_code), as its model card runs it: the
+    slow tokenizer, dynamic tiling with a thumbnail, and `batch_chat` (which builds the conversation prompt,
+    expands <image> into <img><IMG_CONTEXT>*n</img>, left-pads and decodes). Same contract as Captioner."""
+
+    def __init__(self, spec: CaptionerSpec, device: str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.spec, self.device = spec, device
+        self.prompt = prompt_for(spec)
+        path = locate(spec.path)
+        kw = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False, **kw)
+            self.model = AutoModel.from_pretrained(path, dtype=torch_dtype(spec.dtype, device), **kw)
+            self.model = self.model.to(device).eval()
+        except Exception as err:
+            raise load_failed(spec.path, err) from err
+        cfg = self.model.config
+        self.tile = cfg.force_image_size or cfg.vision_config.image_size
+        self.min_tiles = cfg.min_dynamic_patch if cfg.dynamic_image_size else 1
+        self.max_tiles = cfg.max_dynamic_patch if cfg.dynamic_image_size else 1
+        self.thumbnail = bool(cfg.use_thumbnail)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        return internvl_pixels(image, self.tile, self.min_tiles, self.max_tiles, self.thumbnail)
+
+    @torch.inference_mode()
+    def caption(self, images, batch_size: int = 8, sample: dict | None = None, seeds=None) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(images), batch_size):
+            batch = list(images[start : start + batch_size])
+            if sample is None:
+                out += self._chat(batch, {"do_sample": False})
+            else:
+                if seeds is None:
+                    raise ValueError("sampling needs one seed per image")
+                for i, im in enumerate(batch):
+                    torch.manual_seed(int(seeds[start + i]))
+                    out += self._chat([im], {"do_sample": True, **sample})
+        return out
+
+    def _chat(self, batch: list[Image.Image], gen: dict) -> list[str]:
+        tiles = [self.pixels(im) for im in batch]
+        pixel_values = torch.cat(tiles).to(self.device, self.model.dtype)
+        config = {"max_new_tokens": self.spec.max_new_tokens, **gen}
+        return self.model.batch_chat(
+            self.tokenizer, pixel_values, num_patches_list=[len(t) for t in tiles],
+            questions=[f"<image>\n{self.prompt}"] * len(batch), generation_config=config,
+        )
+
+
 def _strip_prefix(text: str, prefix: str) -> str:
     t = text.strip()
     return t[len(prefix) :].strip() if t.lower().startswith(prefix.lower()) else t
@@ -155,8 +254,11 @@ class VllmCaptioner:
         return [_strip_prefix(t, self.prompt) for t in texts] if self.spec.family in PREFIX_FAMILIES else texts
 
 
-def make_captioner(spec: CaptionerSpec, device: str = "cpu") -> Captioner | VllmCaptioner:
-    """The captioner for the runtime backend (CYCLEPREF_CAPTION_BACKEND = transformers | vllm)."""
+def make_captioner(spec: CaptionerSpec, device: str = "cpu") -> Captioner | InternVLCaptioner | VllmCaptioner:
+    """The captioner for the runtime backend (CYCLEPREF_CAPTION_BACKEND = transformers | vllm); InternVL2 (remote
+    code, no processor) goes through InternVLCaptioner on the transformers backend."""
     from cyclepref.runtime import caption_backend
 
-    return VllmCaptioner(spec, device) if caption_backend() == "vllm" else Captioner(spec, device)
+    if caption_backend() == "vllm":
+        return VllmCaptioner(spec, device)
+    return InternVLCaptioner(spec, device) if spec.family == "internvl" else Captioner(spec, device)
