@@ -131,7 +131,8 @@ def test_pair_format_loads_both_tasks_and_rejects_bad_lines(tmp_path):
 
 def detailcaps_row(source, image, colour, captions: dict, gpt4_eval) -> dict:
     """One row of DetailCaps-4870.parquet: source / image / binary / GT_Caption_* as confirmed by the dataset card and
-    lmms-eval tasks/detailcaps/utils.py; the caption columns and GPT4_Eval are the converter's unconfirmed assumption."""
+    lmms-eval tasks/detailcaps/utils.py; the caption columns and GPT4_Eval are the converter's unconfirmed
+    assumption."""
     return {"source": source, "image": image, "binary": png(colour), "GT_Caption_GPT4V": "gt v",
             "GT_Caption_GPT4O": "gt o", "GT_Caption_Gemini15Pro": "gt g", **captions,
             "GPT4_Eval": None if gpt4_eval is None else json.dumps(gpt4_eval)}
@@ -143,7 +144,8 @@ def test_detailcaps_converter(tmp_path):
                        {"CogVLM": "cog caption", "ShareCaptioner": "share caption", "LLaVA_v15": "llava caption"},
                        {"CogVLM": 3.5, "ShareCaptioner": "4", "LLaVA_v15": 2}),
         detailcaps_row("SAM", "sam/2", (40, 50, 60), {"CogVLM": "a", "ShareCaptioner": "b", "LLaVA_v15": "c"}, None),
-        detailcaps_row("LAION", "http://x/3.jpg", (70, 80, 90), {"CogVLM": "x", "ShareCaptioner": "y", "LLaVA_v15": "z"},
+        detailcaps_row("LAION", "http://x/3.jpg", (70, 80, 90),
+                       {"CogVLM": "x", "ShareCaptioner": "y", "LLaVA_v15": "z"},
                        {"CogVLM": 3, "ShareCaptioner": 3, "LLaVA_v15": 1, "GT_Caption_GPT4V": 5}),
     ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "DetailCaps-4870.parquet")
@@ -162,7 +164,8 @@ def test_detailcaps_without_the_assumed_score_column_stops_and_names_the_columns
     row = detailcaps_row("COCO", "coco/1.jpg", (1, 2, 3), {"CogVLM": "a", "ShareCaptioner": "b"}, None)
     del row["GPT4_Eval"]
     pq.write_table(pa.Table.from_pylist([row]), tmp_path / "DetailCaps-4870.parquet")
-    with pytest.raises(ValueError, match="no GPT-4 score column 'GPT4_Eval'.*assumed, not confirmed.*GT_Caption_GPT4O"):
+    message = "no GPT-4 score column 'GPT4_Eval'.*assumed, not confirmed.*GT_Caption_GPT4O"
+    with pytest.raises(ValueError, match=message):
         convert_detailcaps(tmp_path / "DetailCaps-4870.parquet", tmp_path / "out")
     assert not (tmp_path / "out" / "pairs.jsonl").exists()
 
