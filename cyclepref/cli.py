@@ -271,6 +271,34 @@ def register_cmd(root: Path = ROOT_OPTION) -> None:
     typer.echo(f"{reg.name} version {reg.version} {state} (train run {reg.train_run_id}; adapters: {linked})")
 
 
+@app.command("import-checkpoint")
+def import_checkpoint_cmd(
+    checkpoint: Path = typer.Argument(..., help="The authors' state dict, e.g. CycleReward-Combo.pth."),
+    backbone: str = typer.Option(
+        "Salesforce/blip-itm-large-coco", "--backbone", help="Template BLIP ITM checkpoint (tokenizer, processor)."
+    ),
+    name: str = typer.Option("cyclereward-authors", "--name", help="Registered model name."),
+    out: Path | None = typer.Option(None, "--out", help="RewardModel directory (default data/reward/authors/<stem>)."),
+    root: Path = ROOT_OPTION,
+) -> None:
+    """Import an authors' released CycleReward checkpoint: convert its keys, save it as a reward model directory, log
+    it to MLflow and register it as a new version of NAME (no alias moves)."""
+    from contextlib import chdir
+
+    from cyclepref.models import ModelLoadError
+    from cyclepref.reward.authors_keys import AuthorsCheckpointError, register_authors_checkpoint
+
+    checkpoint, root = checkpoint.resolve(), root.resolve()
+    target = out.resolve() if out else root / "data" / "reward" / "authors" / checkpoint.stem
+    with chdir(root):
+        try:
+            registered, version = register_authors_checkpoint(checkpoint, backbone, name, target)
+        except (AuthorsCheckpointError, ModelLoadError, FileNotFoundError) as err:
+            typer.echo(_one_line(err), err=True)
+            raise typer.Exit(2) from None
+    typer.echo(f"{registered} version {version} registered from {checkpoint.name} (model directory {target})")
+
+
 @app.command("report")
 def report_cmd(
     root: Path = ROOT_OPTION,

@@ -131,7 +131,11 @@ class PrepareInputs(Section):
     texts_file: str | None = Field(
         None, description="folder source: jsonl ({file, prompt, caption} per line) or txt, relative to `path`."
     )
-    dci_text: Literal["summary", "short_caption"] = Field("summary", description="dci source: the T2I input text.")
+    dci_text: Literal["summary", "short_caption"] = Field(
+        "summary",
+        description="dci source, the T2I input text: summary = the sDCI summary of complete/<file> that fits 77 CLIP "
+        "tokens (the paper); short_caption = annotations/<file> short_caption (the authors' generate.py).",
+    )
     hf_image_column: str = "image"
     hf_text_column: str = "text"
     hf_split: str | None = None

@@ -1,21 +1,26 @@
 """Import the public CyclePrefDB files into this pipeline's tables, so that build_pairs and every stage after it can
 train on the published data instead of regenerating it.
 
-Expected layout: one directory per task, as downloaded from the Hub datasets carolineec/CyclePrefDB-I2T and
-carolineec/CyclePrefDB-T2I (images alongside):
+Layouts read (one directory per task), per split train / valid / test, the first file found of:
+- `<split>.jsonl`: the Hub datasets carolineec/CyclePrefDB-I2T and carolineec/CyclePrefDB-T2I (confirmed: the files
+  train.jsonl and valid.jsonl on their file pages; a loading script CyclePrefDB_I2T.py builds the train / validation /
+  test splits from these metadata files plus extracted image archives; the I2T reconstructions are a separate
+  dataset, carolineec/CyclePrefDB-I2T-Reconstructions, as .tar / split .tar.gz archives, not needed here).
+- `<split>_rankings.json`: a JSON list, as the authors' make_dataset.py writes it (hjbahng/cyclereward).
+- `<split>.json`: a JSON list, the name the authors' train code reads (dataset/dataset.py).
 
-    <dir>/train.jsonl  <dir>/valid.jsonl  <dir>/test.jsonl     (a .json file holding a list is read as well)
-
-One JSON object per input with all its candidates and their cycle scores, the "rankings" records that the authors'
-make_dataset.py writes and their training code pairs up:
+One record per input with all its candidates and their cycle scores, the fields make_dataset.py writes and
+dataset/dataset.py pairs up:
 
     I2T: {"input": "<image path>", "generations": ["<caption>", ...], "scores": [<DreamSim distance>, ...]}
     T2I: {"input": "<prompt>", "generations": ["<image path>", ...], "scores": [<SBERT similarity>, ...]}
 
+Not confirmed: the field names inside the Hub jsonl files (the dataset card's format block is not in any stored
+copy seen here) and the image paths they hold; hence the aliases: input = image | prompt | real_image | real_text;
+generations = candidates; scores = dreamsim | sbert_score | sbert (the per-item keys of generate.py's results).
 Optional "models": [<model name>, ...] aligned with "generations" (without it: "generation-<k>", by position).
-Key aliases: input = image | prompt | real_image | real_text; generations = candidates; scores = dreamsim |
-sbert_score | sbert. Image paths are resolved against `images_root` (default: the directory of the file) and must
-stay inside it (an image path that leads out is quarantined).
+Image paths are resolved against `images_root` (default: the directory of the file, where the extracted archives
+go) and must stay inside it (an image path that leads out is quarantined).
 
 Written (under `root`, at the pipeline's paths): inputs and quarantine (prepared like prepare_inputs: RGB PNG,
 content-hash ids), i2t/t2i candidates, i2t/t2i scores (metric dreamsim / sbert). The published split is not kept:
@@ -47,6 +52,8 @@ from cyclepref.scoring import DIRECTIONS
 from cyclepref.tables import I2T_CANDIDATES, PATHS, SCORES, T2I_CANDIDATES
 
 SPLIT_FILES = ("train", "valid", "test")
+SPLIT_NAMES = ("{}.jsonl", "{}_rankings.json", "{}.json")
+"""Hub files, the authors' make_dataset.py output, the authors' train-code input."""
 METRICS = {"i2t": "dreamsim", "t2i": "sbert"}
 INPUT_KEYS = ("input", "image", "prompt", "real_image", "real_text")
 GENERATION_KEYS = ("generations", "candidates")
@@ -92,12 +99,15 @@ def iter_records(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def split_files(directory: Path) -> list[Path]:
+    """Per split, the first of SPLIT_NAMES that exists."""
     files = []
     for split in SPLIT_FILES:
-        found = [directory / f"{split}{ext}" for ext in (".jsonl", ".json") if (directory / f"{split}{ext}").exists()]
+        found = [directory / name.format(split) for name in SPLIT_NAMES if (directory / name.format(split)).exists()]
         files += found[:1]
     if not files:
-        raise CyclePrefDBError(f"{directory}: no train/valid/test .jsonl or .json file")
+        raise CyclePrefDBError(
+            f"{directory}: no train/valid/test file ({', '.join(n.format('<split>') for n in SPLIT_NAMES)})"
+        )
     return files
 
 

@@ -5,9 +5,28 @@ Sources (params `prepare_inputs.source`):
   {"file": <relative path>, "prompt": <T2I input text>, "caption": <human detailed caption>, "id": <optional>} per
   line. Without an image, a jsonl/txt prompts file is also a folder source's `texts_file` (lines with "prompt" but no
   "file" become text-only inputs); a .txt texts file holds one prompt per line.
-- dci: the DCI download layout: `photos/<image>`, `annotations/<name>.json` ({"image", "short_caption",
-  "extra_caption", "summary": str | [str, ...]}), `splits.json` ({"train": [<annotation file>, ...], ...}).
+- dci: the DCI release (facebookresearch/DCI) under its `densely_captioned_images/` root, see DCI_LAYOUT.
 - hf_datasets: a directory written by `datasets.Dataset(Dict).save_to_disk` with an image and a text column.
+
+DCI_LAYOUT (confirmed from facebookresearch/DCI, dataset/densely_captioned_images/dataset/: config.py names the
+paths, dense_image.py reads them, impl.py reads the splits; reproduction/crowdsourcing/prepare/collate_data.py and
+gen_alternate_summaries.py write `complete/`):
+- `photos/<image>`: the photographs; `<image>` is the entry's "image" value.
+- `annotations/<file>.json`: {"image", "short_caption", "extra_caption", "mask_data", "mask_keys"} per photo.
+- `complete/<file>.json`: the same entry plus "summaries" and "negatives" (only for entries that have LLM
+  summaries). "summaries" is a dict keyed by caption key: "base" is the whole-image summary, "m-<idx>-sc" the
+  per-mask ones. Each value is a string, or a list of strings (the first is the collated summary, the rest
+  Llama-2 alternates added by gen_alternate_summaries.py). collate_data.py asserts every collated summary fits
+  77 CLIP tokens (openai/clip-vit-base-patch32 tokenizer, start and end tokens counted).
+- `splits.json`: {"train": [<file>, ...], "valid": [...], "test": [...]}, names of `complete/` (= `annotations/`)
+  files.
+The T2I input text (params `prepare_inputs.dci_text`):
+- summary: `summaries["base"]` of `complete/<file>`, the first candidate that fits 77 CLIP tokens (the paper's sDCI
+  summaries; PAPER.md §2). An entry without `complete/` file or without a fitting summary is quarantined.
+- short_caption: `short_caption` of `annotations/<file>`, what the authors' released generate.py `load_dci` uses
+  (hjbahng/cyclereward, generate.py).
+Either way the human caption is short_caption + extra_caption. Not confirmed: whether every alternate summary fits
+77 tokens (hence the check), and the file names inside the release tarball beyond what the loader code reads.
 
 Every raw item becomes either a normalised input or a quarantine record (source, reason; a texts line is named
 `<file>:<line>`), so raw items = inputs + quarantined, always. Paths named by data or found under the folder are read
@@ -21,6 +40,7 @@ with the same content or the same id, KEEP_RULE decides which one is kept and th
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import io
 import json
@@ -239,14 +259,45 @@ def _image_item(root: Path, rel: str, row: TextRow | None) -> RawItem:
         return replace(item, problem=str(err))
 
 
+CLIP_TOKENS = 77
+"""CLIP's text context, start and end tokens included (the sDCI summaries fit it)."""
+
+
+@functools.cache
+def _clip_tokenizer():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def clip_token_length(text: str) -> int:
+    """Tokens of `text` under CLIP's BPE (open_clip ships the openai vocabulary), start and end tokens counted."""
+    return len(_clip_tokenizer().encode(text)) + 2
+
+
+def dci_summary(entry: dict) -> str:
+    """The whole-image sDCI summary of a `complete/` entry: the first of summaries["base"] that fits CLIP_TOKENS."""
+    summaries = entry.get("summaries")
+    if not isinstance(summaries, dict):
+        raise InvalidInput("no 'summaries' dict in the complete/ entry")
+    base = summaries.get("base")
+    candidates = base if isinstance(base, list) else [base]
+    texts = [t for t in candidates if isinstance(t, str) and t.strip()]
+    for text in texts:
+        if clip_token_length(text) <= CLIP_TOKENS:
+            return text
+    raise InvalidInput(f"no summaries['base'] text fits {CLIP_TOKENS} CLIP tokens ({len(texts)} given)")
+
+
 def iter_dci(root: Path, text: str, split: str) -> Iterator[RawItem]:
-    """The DCI layout: photos/, annotations/*.json, splits.json."""
-    photos, annotations = root / "photos", root / "annotations"
-    for d in (photos, annotations):
+    """The DCI release (DCI_LAYOUT): summaries from complete/, short captions from annotations/."""
+    folder = "complete" if text == "summary" else "annotations"
+    photos, entries = root / "photos", root / folder
+    for d in (photos, entries):
         if not d.is_dir():
-            raise FileNotFoundError(f"DCI layout: {d} not found (expected photos/, annotations/, splits.json)")
+            raise FileNotFoundError(f"DCI layout: {d} not found (expected photos/, {folder}/, splits.json)")
     if split == "all":
-        names = sorted(p.name for p in annotations.glob("*.json"))
+        names = sorted(p.name for p in entries.glob("*.json"))
     else:
         splits_file = root / "splits.json"
         if not splits_file.exists():
@@ -256,25 +307,25 @@ def iter_dci(root: Path, text: str, split: str) -> Iterator[RawItem]:
             raise ValueError(f"{splits_file}: no split {split!r} (has {sorted(splits)})")
         names = sorted(str(n) for n in splits[split])
     for name in names:
-        yield _dci_item(photos, annotations, name, text)
+        yield _dci_item(photos, entries, name, text)
 
 
-def _dci_item(photos: Path, annotations: Path, name: str, text: str) -> RawItem:
-    source = f"annotations/{display(name)}"
+def _dci_item(photos: Path, entries: Path, name: str, text: str) -> RawItem:
+    source = f"{entries.name}/{display(name)}"
     try:
-        ann = json.loads(inside(annotations, name).read_text())
+        entry = json.loads(inside(entries, name).read_text())
     except (OSError, ValueError) as err:
-        return RawItem(source, None, problem=f"annotation unreadable: {err}")
-    if not isinstance(ann, dict):
-        return RawItem(source, None, problem="annotation unreadable: expected a JSON object")
-    summary = ann.get("summary")
-    if isinstance(summary, list):
-        summary = summary[0] if summary else None
-    prompt = summary if text == "summary" else ann.get("short_caption")
-    caption = " ".join(s for s in (ann.get("short_caption"), ann.get("extra_caption")) if isinstance(s, str))
-    image = ann.get("image")
+        return RawItem(source, None, problem=f"entry unreadable: {err}")
+    if not isinstance(entry, dict):
+        return RawItem(source, None, problem="entry unreadable: expected a JSON object")
+    caption = " ".join(s for s in (entry.get("short_caption"), entry.get("extra_caption")) if isinstance(s, str))
+    try:
+        prompt = dci_summary(entry) if text == "summary" else entry.get("short_caption")
+    except InvalidInput as err:
+        return RawItem(source, None, None, caption or None, problem=str(err))
+    image = entry.get("image")
     if not isinstance(image, str) or not image:
-        return RawItem(source, None, prompt, caption or None, problem="annotation has no 'image' path")
+        return RawItem(source, None, prompt, caption or None, problem="entry has no 'image' path")
     item = RawItem(f"photos/{display(image)}", None, prompt, caption or None)
     try:
         return replace(item, image=inside(photos, image))

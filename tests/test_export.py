@@ -4,6 +4,7 @@ gate -> build_pairs -> gate -> export_dataset run end to end on fixture tables."
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -178,6 +179,17 @@ def test_pairs_from_cycleprefdb_follow_the_rule_and_export(imported, tmp_path):
     t2i = {(colour[r["preferred_image"].getpixel((0, 0))], colour[r["rejected_image"].getpixel((0, 0))])
            for r in rows_of(load(out, "t2i", tmp_path))}
     assert t2i == {("t0", "t1"), ("t0", "t2"), ("t0", "t3"), ("t1", "t2"), ("t3", "t1"), ("t3", "t2")}
+
+
+def test_cycleprefdb_reads_the_authors_make_dataset_output_like_the_hub_files(tmp_path):
+    """make_dataset.py (hjbahng/cyclereward) writes <split>_rankings.json, each a JSON list of the same records."""
+    for task in ("i2t", "t2i"):
+        shutil.copytree(FIXTURE / task / "images", tmp_path / task / "images")
+        for jsonl in (FIXTURE / task).glob("*.jsonl"):
+            records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+            (tmp_path / task / f"{jsonl.stem}_rankings.json").write_text(json.dumps(records))
+    counts = cycleprefdb.import_cycleprefdb(tmp_path / "root", tmp_path / "i2t", tmp_path / "t2i")
+    assert counts == {"inputs": 5, "quarantined": 3, "i2t_candidates": 9, "t2i_candidates": 5}
 
 
 def test_cycleprefdb_layout_errors_are_named(tmp_path):

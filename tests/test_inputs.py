@@ -7,6 +7,7 @@ from PIL import Image
 
 from cyclepref import inputs as inp
 from cyclepref.config import PrepareInputs
+from fixtures.dci import LONG, write_dci
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,27 +110,32 @@ def test_transparent_png_is_composited_on_white():
     assert img.mode == "RGB" and img.getpixel((5, 5)) == (255, 255, 255)
 
 
-def test_dci_layout(tmp_path):
-    root = tmp_path / "dci"
-    (root / "photos").mkdir(parents=True)
-    (root / "annotations").mkdir()
-    for i, name in enumerate(["sa_1", "sa_2", "sa_3"]):
-        (root / "photos" / f"{name}.jpg").write_bytes(_jpeg((i * 50, 20, 20)))
-        ann = {"image": f"{name}.jpg", "short_caption": f"short {i}", "extra_caption": f"extra {i}",
-               "summary": [f"summary {i}", "longer"]}
-        (root / "annotations" / f"{name}.json").write_text(json.dumps(ann))
-    (root / "annotations" / "broken.json").write_text("{nope")
-    (root / "splits.json").write_text(json.dumps({"train": ["sa_1.json", "sa_2.json", "broken.json"], "test": ["sa_3.json"]}))
-    cfg = PrepareInputs(source="dci", path="dci", split="train", min_side=8)
+def test_dci_release_summaries_from_complete_and_short_captions_from_annotations(tmp_path):
+    write_dci(tmp_path)
+    cfg = PrepareInputs(source="dci", path="densely_captioned_images", split="train", min_side=8)
     records, quarantined = inp.prepare(inp.iter_source(cfg, tmp_path), cfg)
-    assert sorted(r.prompt for r in records) == ["summary 0", "summary 1"]
-    assert sorted(r.caption for r in records) == ["short 0 extra 0", "short 1 extra 1"]
-    assert len(quarantined) == 1 and quarantined[0].reason.startswith("annotation unreadable")
-    cfg = PrepareInputs(source="dci", path="dci", split="test", dci_text="short_caption", min_side=8)
-    records, _ = inp.prepare(inp.iter_source(cfg, tmp_path), cfg)
-    assert [r.prompt for r in records] == ["short 2"]
-    with pytest.raises(ValueError, match="no split 'valid'"):
-        list(inp.iter_source(PrepareInputs(source="dci", path="dci", split="valid"), tmp_path))
+    by_photo = {r.caption: r.prompt for r in records}
+    assert by_photo == {
+        "short caption 1 extra caption 1": "summary of photo one",
+        "short caption 2 extra caption 2": "first summary of photo two",
+        "short caption 3 extra caption 3": "short alternate of photo three",
+    }
+    reasons = {q.source: q.reason for q in quarantined}
+    assert set(reasons) == {"complete/sa_4.json", "complete/sa_5.json"}
+    assert "fits 77 CLIP tokens" in reasons["complete/sa_4.json"]
+    assert "entry unreadable" in reasons["complete/sa_5.json"]
+
+    cfg = PrepareInputs(source="dci", path="densely_captioned_images", split="train", dci_text="short_caption",
+                        min_side=8)
+    records, quarantined = inp.prepare(inp.iter_source(cfg, tmp_path), cfg)
+    assert sorted(r.prompt for r in records) == [f"short caption {n}" for n in range(1, 6)] and not quarantined
+    with pytest.raises(ValueError, match="no split 'val'"):
+        list(inp.iter_source(PrepareInputs(source="dci", path="densely_captioned_images", split="val"), tmp_path))
+
+
+def test_clip_token_length_counts_start_and_end_tokens():
+    assert inp.clip_token_length("a photo of a cat") == 7
+    assert inp.clip_token_length(LONG) > inp.CLIP_TOKENS
 
 
 def test_hf_datasets_directory(tmp_path):
@@ -255,17 +261,17 @@ def test_paths_outside_the_input_folder_are_never_read(tmp_path):
 
 
 def test_dci_annotation_and_image_paths_stay_inside(tmp_path):
-    (tmp_path / "secret.json").write_text(json.dumps({"image": "x.jpg", "summary": "leak"}))
+    (tmp_path / "secret.json").write_text(json.dumps({"image": "x.jpg", "summaries": {"base": "leak"}}))
     (tmp_path / "x.jpg").write_bytes(_jpeg((5, 5, 5)))
     root = tmp_path / "dci"
     (root / "photos").mkdir(parents=True)
-    (root / "annotations").mkdir()
-    (root / "annotations" / "a.json").write_text(json.dumps({"image": "../../x.jpg", "summary": "s"}))
+    (root / "complete").mkdir()
+    (root / "complete" / "a.json").write_text(json.dumps({"image": "../../x.jpg", "summaries": {"base": "s"}}))
     (root / "splits.json").write_text(json.dumps({"train": ["a.json", "../../secret.json"]}))
     cfg = PrepareInputs(source="dci", path="dci", split="train", min_side=8)
     records, quarantined = inp.prepare(inp.iter_source(cfg, tmp_path), cfg)
     assert records == []
-    assert sorted(q.source for q in quarantined) == ["annotations/../../secret.json", "photos/../../x.jpg"]
+    assert sorted(q.source for q in quarantined) == ["complete/../../secret.json", "photos/../../x.jpg"]
     assert all("outside" in q.reason for q in quarantined)
 
 

@@ -15,6 +15,7 @@ from cyclepref.models.similarity import ImageEmbedder
 from cyclepref.reward.benchmarks import (
     BenchmarkFormatError,
     convert_detailcaps,
+    convert_genai_arena,
     convert_genai_bench,
     load_benchmark,
 )
@@ -128,16 +129,24 @@ def test_pair_format_loads_both_tasks_and_rejects_bad_lines(tmp_path):
         load_benchmark(path)
 
 
+def detailcaps_row(source, image, colour, captions: dict, gpt4_eval) -> dict:
+    """One row of DetailCaps-4870.parquet: source / image / binary / GT_Caption_* as confirmed by the dataset card and
+    lmms-eval tasks/detailcaps/utils.py; the caption columns and GPT4_Eval are the converter's unconfirmed
+    assumption."""
+    return {"source": source, "image": image, "binary": png(colour), "GT_Caption_GPT4V": "gt v",
+            "GT_Caption_GPT4O": "gt o", "GT_Caption_Gemini15Pro": "gt g", **captions,
+            "GPT4_Eval": None if gpt4_eval is None else json.dumps(gpt4_eval)}
+
+
 def test_detailcaps_converter(tmp_path):
     rows = [
-        {"source": "COCO", "image": "coco/1.jpg", "binary": png((10, 20, 30)), "CogVLM": "cog caption",
-         "ShareCaptioner": "share caption", "LLaVA_v15": "llava caption", "GT_Caption_GPT4V": "gt",
-         "GPT4_Eval": json.dumps({"CogVLM": 3.5, "ShareCaptioner": "4", "LLaVA_v15": 2})},
-        {"source": "SAM", "image": "sam/2", "binary": png((40, 50, 60)), "CogVLM": "a", "ShareCaptioner": "b",
-         "LLaVA_v15": "c", "GT_Caption_GPT4V": "gt", "GPT4_Eval": None},
-        {"source": "LAION", "image": "laion/3", "binary": png((70, 80, 90)), "CogVLM": "x", "ShareCaptioner": "y",
-         "LLaVA_v15": "z", "GT_Caption_GPT4V": "gt", "GPT4_Eval": json.dumps({"CogVLM": 3, "ShareCaptioner": 3,
-                                                                            "LLaVA_v15": 1})},
+        detailcaps_row("COCO", "coco/1.jpg", (10, 20, 30),
+                       {"CogVLM": "cog caption", "ShareCaptioner": "share caption", "LLaVA_v15": "llava caption"},
+                       {"CogVLM": 3.5, "ShareCaptioner": "4", "LLaVA_v15": 2}),
+        detailcaps_row("SAM", "sam/2", (40, 50, 60), {"CogVLM": "a", "ShareCaptioner": "b", "LLaVA_v15": "c"}, None),
+        detailcaps_row("LAION", "http://x/3.jpg", (70, 80, 90),
+                       {"CogVLM": "x", "ShareCaptioner": "y", "LLaVA_v15": "z"},
+                       {"CogVLM": 3, "ShareCaptioner": 3, "LLaVA_v15": 1, "GT_Caption_GPT4V": 5}),
     ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "DetailCaps-4870.parquet")
     stats = convert_detailcaps(tmp_path / "DetailCaps-4870.parquet", tmp_path / "out")
@@ -151,7 +160,52 @@ def test_detailcaps_converter(tmp_path):
     assert len(list((tmp_path / "out" / "images").iterdir())) == 2
 
 
-def test_genai_bench_converter(tmp_path):
+def test_detailcaps_without_the_assumed_score_column_stops_and_names_the_columns(tmp_path):
+    row = detailcaps_row("COCO", "coco/1.jpg", (1, 2, 3), {"CogVLM": "a", "ShareCaptioner": "b"}, None)
+    del row["GPT4_Eval"]
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "DetailCaps-4870.parquet")
+    message = "no GPT-4 score column 'GPT4_Eval'.*assumed, not confirmed.*GT_Caption_GPT4O"
+    with pytest.raises(ValueError, match=message):
+        convert_detailcaps(tmp_path / "DetailCaps-4870.parquet", tmp_path / "out")
+    assert not (tmp_path / "out" / "pairs.jsonl").exists()
+
+
+def write_genai_bench(root) -> None:
+    """A miniature GenAI-Image-527 folder as linzhiqiu/t2v_metrics dataset.py GenAIBench_Image reads it
+    (zhiqiulin/GenAI-Bench-527): genai_image.json {idx: {"prompt", "models": {model: [ratings]}}} and
+    <model>/<idx>.jpeg. Prompt indices are zero-padded here; the converter uses them verbatim as file stems."""
+    meta = {
+        "00000": {"prompt": "a cat on a mat", "models": {"DALLE_3": [5, 4, 5], "SDXL_Turbo": [2, 3, 3],
+                                                         "Midjourney_6": [5, 5, 5]}},
+        "00001": {"prompt": "two red apples", "models": {"DALLE_3": [3, 3, 3], "SDXL_Turbo": [4, 2, 3],
+                                                         "Midjourney_6": [1, 1, 2]}},
+    }
+    (root / "genai_image.json").write_text(json.dumps(meta))
+    for n, (idx, entry) in enumerate(meta.items()):
+        for k, model in enumerate(entry["models"]):
+            if (idx, model) == ("00001", "Midjourney_6"):
+                continue
+            (root / model).mkdir(exist_ok=True)
+            Image.new("RGB", (8, 8), (40 * n, 40 * k, 7)).save(root / model / f"{idx}.jpeg", quality=100)
+
+
+def test_genai_bench_ratings_converter(tmp_path):
+    src = tmp_path / "GenAI-Image-527"
+    src.mkdir()
+    write_genai_bench(src)
+    stats = convert_genai_bench(src, tmp_path / "out")
+    assert stats == {"pairs": 3, "prompts": 2, "skipped_tied_pairs": 1, "skipped_unrated_or_missing_images": 1}
+    t2i = load_benchmark(tmp_path / "out" / "pairs.jsonl")["t2i"]
+    got = {(r["prompt"], r["meta"]["chosen_model"], r["meta"]["rejected_model"]) for r in t2i.records}
+    assert got == {("a cat on a mat", "DALLE_3", "SDXL_Turbo"), ("a cat on a mat", "Midjourney_6", "SDXL_Turbo"),
+                   ("a cat on a mat", "Midjourney_6", "DALLE_3")}
+    best = next(i for i, r in enumerate(t2i.records) if r["meta"]["rejected_model"] == "DALLE_3")
+    assert t2i.records[best]["meta"]["chosen_mean_rating"] == 5.0
+    assert t2i.example(best).chosen.getpixel((4, 4))[1] > 70
+    assert {r["group"] for r in t2i.records} == {"genai-00000"}
+
+
+def test_genai_arena_votes_converter(tmp_path):
     img = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     rows = [
         {"prompt": "a cat", "left_image": {"bytes": png((1, 1, 1)), "path": None},
@@ -170,8 +224,8 @@ def test_genai_bench_converter(tmp_path):
     schema = pa.schema([("prompt", pa.string()), ("left_image", img), ("right_image", img),
                         ("vote_type", pa.string()), ("left_model", pa.string()), ("right_model", pa.string())])
     (tmp_path / "src" / "image_generation").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema), tmp_path / "src" / "image_generation" / "test-0.parquet")
-    stats = convert_genai_bench(tmp_path / "src", tmp_path / "out")
+    pq.write_table(pa.Table.from_pylist(rows, schema), tmp_path / "src" / "image_generation" / "train-0.parquet")
+    stats = convert_genai_arena(tmp_path / "src", tmp_path / "out")
     assert stats == {"pairs": 2, "rows": 4, "skipped_tievote": 1, "skipped_bothbad_vote": 1}
     t2i = load_benchmark(tmp_path / "out" / "pairs.jsonl")["t2i"]
     first, second = t2i.example(0), t2i.example(1)

@@ -14,6 +14,7 @@ from cyclepref.reward.data import PairCollator
 from cyclepref.reward.model import PAPER_HEAD, RewardModel, head_widths_for
 from cyclepref.reward.synthetic import colour_pairs
 from cyclepref.reward.train import bradley_terry
+from fixtures.authors_checkpoint import TINY, authors_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -130,61 +131,9 @@ def test_save_and_load_round_trip(model, tmp_path):
 # ---------------------------------------------------------------- the authors' checkpoint layout
 
 
-def authors_state_dict(n_vis: int, n_text: int, d_vis: int, d_text: int, vocab: int, patch: int, grid: int,
-                       widths: list[int], proj: int) -> dict[str, torch.Tensor]:
-    """A random state dict in the released CycleReward (ImageReward / BLIP) key layout."""
-    g = torch.Generator().manual_seed(0)
-
-    def t(*shape):
-        return torch.randn(*shape, generator=g)
-
-    sd = {
-        "blip.visual_encoder.cls_token": t(1, 1, d_vis),
-        "blip.visual_encoder.pos_embed": t(1, grid * grid + 1, d_vis),
-        "blip.visual_encoder.patch_embed.proj.weight": t(d_vis, 3, patch, patch),
-        "blip.visual_encoder.patch_embed.proj.bias": t(d_vis),
-        "blip.visual_encoder.norm.weight": t(d_vis),
-        "blip.visual_encoder.norm.bias": t(d_vis),
-        "blip.text_encoder.embeddings.word_embeddings.weight": t(vocab, d_text),
-        "blip.text_encoder.embeddings.position_embeddings.weight": t(128, d_text),
-        "blip.text_encoder.embeddings.LayerNorm.weight": t(d_text),
-        "blip.text_encoder.embeddings.LayerNorm.bias": t(d_text),
-        "blip.text_encoder.embeddings.position_ids": torch.arange(128)[None],
-        "blip.vision_proj.weight": t(proj, d_vis),
-        "blip.vision_proj.bias": t(proj),
-        "blip.text_proj.weight": t(proj, d_text),
-        "blip.text_proj.bias": t(proj),
-    }
-    for i in range(n_vis):
-        b = f"blip.visual_encoder.blocks.{i}."
-        sd |= {b + "norm1.weight": t(d_vis), b + "norm1.bias": t(d_vis), b + "norm2.weight": t(d_vis),
-               b + "norm2.bias": t(d_vis), b + "attn.qkv.weight": t(3 * d_vis, d_vis),
-               b + "attn.qkv.bias": t(3 * d_vis),
-               b + "attn.proj.weight": t(d_vis, d_vis), b + "attn.proj.bias": t(d_vis),
-               b + "mlp.fc1.weight": t(2 * d_vis, d_vis), b + "mlp.fc1.bias": t(2 * d_vis),
-               b + "mlp.fc2.weight": t(d_vis, 2 * d_vis), b + "mlp.fc2.bias": t(d_vis)}
-    for i in range(n_text):
-        b = f"blip.text_encoder.encoder.layer.{i}."
-        for att, kv_in in (("attention", d_text), ("crossattention", d_vis)):
-            sd |= {b + f"{att}.self.query.weight": t(d_text, d_text), b + f"{att}.self.query.bias": t(d_text),
-                   b + f"{att}.self.key.weight": t(d_text, kv_in), b + f"{att}.self.key.bias": t(d_text),
-                   b + f"{att}.self.value.weight": t(d_text, kv_in), b + f"{att}.self.value.bias": t(d_text),
-                   b + f"{att}.output.dense.weight": t(d_text, d_text), b + f"{att}.output.dense.bias": t(d_text),
-                   b + f"{att}.output.LayerNorm.weight": t(d_text), b + f"{att}.output.LayerNorm.bias": t(d_text)}
-        sd |= {b + "intermediate.dense.weight": t(2 * d_text, d_text), b + "intermediate.dense.bias": t(2 * d_text),
-               b + "output.dense.weight": t(d_text, 2 * d_text), b + "output.dense.bias": t(d_text),
-               b + "output.LayerNorm.weight": t(d_text), b + "output.LayerNorm.bias": t(d_text)}
-    dims = [d_text, *widths, 1]
-    for k in range(len(dims) - 1):
-        sd[f"mlp.layers.{2 * k}.weight"] = t(dims[k + 1], dims[k])
-        sd[f"mlp.layers.{2 * k}.bias"] = t(dims[k + 1])
-    return sd
-
-
 @pytest.fixture(scope="module")
 def authors_sd():
-    return authors_state_dict(n_vis=3, n_text=2, d_vis=32, d_text=32, vocab=30524, patch=8, grid=5,
-                              widths=[24, 12, 6, 4], proj=16)
+    return authors_state_dict(**TINY)
 
 
 def test_authors_checkpoint_loads_through_the_key_map(authors_sd, backbone, tmp_path):
@@ -240,3 +189,35 @@ def test_image_size_resamples_position_embeddings_and_survives_save(backbone, tm
     torch.testing.assert_close(loaded.score([img], ["a purple square"]), score, atol=0, rtol=0)
     with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
         RewardModel.from_backbone(backbone, image_size=50)
+
+
+def test_import_checkpoint_registers_the_authors_model_and_it_scores_from_the_registry(
+    authors_sd, backbone, mlflow_uri, tmp_path
+):
+    import mlflow
+    from typer.testing import CliRunner
+
+    from cyclepref.cli import app
+    from cyclepref.reward.pyfunc import load_reward_model
+
+    path = tmp_path / "CycleReward-Combo.pth"
+    torch.save(authors_sd, path)
+    out = CliRunner().invoke(app, ["import-checkpoint", str(path), "--backbone", backbone, "--name", "cr-authors",
+                                   "--root", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "cr-authors version 1 registered from CycleReward-Combo.pth" in out.output
+    version = mlflow.MlflowClient().get_model_version("cr-authors", "1")
+    assert version.tags["cyclepref.checkpoint"] == "CycleReward-Combo.pth"
+    assert (tmp_path / "data" / "reward" / "authors" / "CycleReward-Combo" / "reward_config.json").exists()
+
+    served = load_reward_model("models:/cr-authors/1")
+    direct = load_authors_checkpoint(path, backbone)
+    assert torch.equal(served.state_dict()["head.layers.8.weight"], authors_sd["mlp.layers.8.weight"])
+    images = [Image.new("RGB", (50, 40), (200, 30, 30)), Image.new("RGB", (50, 40), (30, 30, 200))]
+    pair = served.score(images, ["a red square"] * 2)
+    assert torch.allclose(pair, direct.score(images, ["a red square"] * 2), atol=1e-5)
+    assert pair[0] != pair[1]
+
+    bad = CliRunner().invoke(app, ["import-checkpoint", str(tmp_path / "missing.pth"), "--backbone", backbone,
+                                   "--root", str(tmp_path)])
+    assert bad.exit_code == 2 and "checkpoint not found" in bad.output

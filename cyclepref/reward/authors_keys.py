@@ -1,4 +1,12 @@
-"""Load the authors' released CycleReward checkpoints (ImageReward-style BLIP key layout) into RewardModel.
+"""Load the authors' released CycleReward checkpoints (ImageReward-style BLIP key layout) into RewardModel, and
+register one as an MLflow model version (`cyclepref import-checkpoint`).
+
+Source (hjbahng/cyclereward): cycle_reward/model.py `CycleReward` = `blip` (cyclereward/blip/blip_pretrain.py
+BLIP_Pretrain: visual_encoder, text_encoder, vision_proj, text_proj) + `mlp.layers` (Linear, GELU, ... Linear);
+utils.py save_model writes the bare state dict with torch.save; the released files are CycleReward-Combo.pth,
+CycleReward-I2T.pth, CycleReward-T2I.pth (GitHub release v1.0.0, cycle_reward/model.py _MODELS). The ViT key names
+are those of salesforce/BLIP models/vit.py. Not confirmed: the layout of the Hugging Face uploads
+carolineec/CycleReward-* (PyTorchModelHubMixin); a safetensors file in the .pth layout loads as well.
 
 The released state dicts name the BLIP backbone `blip.*` (timm-style ViT `blip.visual_encoder.*`, the BLIP "med"
 BERT `blip.text_encoder.*`, `blip.vision_proj`, `blip.text_proj`) and the head `mlp.layers.{0,2,4,6,8}` (Linear
@@ -185,3 +193,31 @@ def load_authors_checkpoint(
     model.load_state_dict(mapped, strict=True)
     model.metadata = {"converted_from": str(checkpoint), "template": backbone}
     return model.eval()
+
+
+def register_authors_checkpoint(
+    checkpoint: str | Path, backbone: str, name: str, out_dir: str | Path, *, revision: str | None = None
+) -> tuple[str, str]:
+    """Convert an authors' checkpoint, save it as a RewardModel directory at `out_dir`, log it as the reward pyfunc
+    in one MLflow run of the project's store and register it as a new version of `name`; returns (name, version)."""
+    import hashlib
+
+    import mlflow
+
+    from cyclepref import tracking
+    from cyclepref.reward.pyfunc import log_reward_model
+
+    checkpoint = Path(checkpoint)
+    model = load_authors_checkpoint(checkpoint, backbone, revision=revision)
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    model.save_pretrained(out_dir, metadata={**model.metadata, "sha256": digest})
+    tracking.use_store()
+    mlflow.set_experiment(experiment_id=tracking.experiment_id(mlflow.MlflowClient()))
+    tags = {"cyclepref.stage": "import_checkpoint", "cyclepref.checkpoint": checkpoint.name,
+            "cyclepref.checkpoint_sha256": digest, "cyclepref.template": backbone}
+    with mlflow.start_run(run_name=f"import {checkpoint.name}", tags=tags):
+        mlflow.log_params({"head_widths": model.head_widths, "image_size": model.blip_config.vision_config.image_size,
+                           "fix_rate": model.fix_rate, "max_length": model.max_length})
+        info = log_reward_model(out_dir)
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    return name, str(version.version)

@@ -7,16 +7,31 @@ it):
 Optional keys: "group" (the shared input; default: the image / prompt), "chosen_cycle_score",
 "rejected_cycle_score" and "cycle_direction" ("higher" | "lower") when raw cycle scores are known, "meta" (any).
 
-Converters (`python -m cyclepref.reward.benchmarks {detailcaps,genai-bench} SRC OUT`) read the published
-parquet files (a file or a directory searched recursively) and write OUT/pairs.jsonl plus content-addressed
-images under OUT/images/:
-- DetailCaps-4870 (foundation-multimodal-models/DetailCaps-4870): per image (`binary` bytes, `image` id) the
-  captions of the models named in `GPT4_Eval` (a JSON object model -> score; columns CogVLM, ShareCaptioner,
-  LLaVA_v15); every pair of captions with different scores becomes an I2T pair preferring the higher score.
-  Rows without GPT4_Eval are skipped and counted.
-- GenAI-Bench image generation (TIGER-Lab/GenAI-Bench, config image_generation): `prompt`, `left_image`,
-  `right_image`, `vote_type`; leftvote / rightvote become T2I pairs, tievote / bothbad_vote are skipped and
-  counted (a pairwise accuracy needs a preferred side).
+Converters (`python -m cyclepref.reward.benchmarks {detailcaps,genai-bench,genai-arena} SRC OUT`) write
+OUT/pairs.jsonl plus content-addressed images under OUT/images/:
+- detailcaps: DetailCaps-4870 (I2T; the paper's detailed-caption benchmark), the single file DetailCaps-4870.parquet
+  (split test) of the Hub dataset foundation-multimodal-models/DetailCaps-4870. Confirmed columns (dataset card;
+  EvolvingLMMs-Lab/lmms-eval lmms_eval/tasks/detailcaps/utils.py): `source` (origin dataset), `image` (identifier:
+  path, url or item id), `binary` (encoded image bytes), `GT_Caption_GPT4O`, `GT_Caption_GPT4V`,
+  `GT_Caption_Gemini15Pro` (references). The card says the file also holds the captions of LLaVA-1.5, CogVLM and
+  ShareCaptioner with their GPT-4 quality scores, but no public source seen here names those columns: the converter
+  assumes DETAILCAPS_MODELS caption columns and a `GPT4_Eval` JSON object {model: score} (NOT CONFIRMED) and stops
+  with the columns it found when they are absent. Every two captions of an image with different scores make an I2T
+  pair preferring the higher score.
+- genai-bench: GenAI-Bench image generation with human alignment ratings (Lin et al.; the benchmark of the paper's
+  VQAScore / CLIPScore baselines), in the layout that linzhiqiu/t2v_metrics dataset.py `GenAIBench_Image` reads from
+  zhiqiulin/GenAI-Bench-527: SRC/genai_image.json = {<prompt_idx>: {"prompt": str, "models": {<model>: [<rating>,
+  ...]}, ...}} and SRC/<model>/<prompt_idx>.jpeg (models DALLE_3, SDXL_Turbo, DeepFloyd_I_XL_v1, Midjourney_6,
+  SDXL_2_1, SDXL_Base; the converter takes them from the json). A model's score for a prompt is the mean of its
+  ratings (as GenAIBench_Image.evaluate_scores does). Pair rule: for every prompt, every two models with ratings and
+  an image, whose means differ, make a T2I pair preferring the higher mean; equal means are skipped and counted.
+  Not confirmed: the layout of the 1600-prompt release (BaiqiL/GenAI-Bench-1600), and that the paper built its
+  pairs this way (t2v_metrics scores pairwise accuracy with a tie-optimised variant over all image pairs).
+- genai-arena: TIGER-Lab/GenAI-Bench (GenAI-Arena votes, not the benchmark above), config image_generation, whose
+  only split is named train (TIGER-AI-Lab/GenAI-Bench genaibench inference.py): `vote_type` in leftvote / rightvote /
+  tievote / bothbad_vote (confirmed there), `prompt`, `left_image`, `right_image` (the left_/right_ key prefixes are
+  confirmed, the exact names are from the dataset viewer, not a source seen here), optional `left_model`,
+  `right_model`. Decisive votes become T2I pairs; ties and both-bad votes are skipped and counted.
 """
 
 from __future__ import annotations
@@ -165,10 +180,7 @@ def _format(raw: bytes) -> str:
 def _parquet_rows(src: Path, columns: list[str] | None = None) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
-    files = sorted(src.rglob("*.parquet")) if src.is_dir() else [src]
-    if not files or not files[0].exists():
-        raise FileNotFoundError(f"{src}: no parquet files")
-    for f in files:
+    for f in _parquet_files(src):
         pf = pq.ParquetFile(f)
         have = set(pf.schema_arrow.names)
         if columns is not None and not set(columns) <= have:
@@ -193,8 +205,39 @@ def _score(value: object) -> float | None:
     return None
 
 
+DETAILCAPS_CONFIRMED = ("source", "image", "binary")
+DETAILCAPS_MODELS = ("CogVLM", "ShareCaptioner", "LLaVA_v15")
+DETAILCAPS_SCORES = "GPT4_Eval"
+"""Assumed, not confirmed by a public source (see the module docstring)."""
+
+
+def _parquet_files(src: Path) -> list[Path]:
+    files = sorted(src.rglob("*.parquet")) if src.is_dir() else [src]
+    if not files or not files[0].exists():
+        raise FileNotFoundError(f"{src}: no parquet files")
+    return files
+
+
+def check_detailcaps_columns(src: Path) -> None:
+    """Every DetailCaps parquet file has the confirmed columns, the score column and at least two caption columns."""
+    import pyarrow.parquet as pq
+
+    for f in _parquet_files(src):
+        have = set(pq.ParquetFile(f).schema_arrow.names)
+        missing = [c for c in DETAILCAPS_CONFIRMED if c not in have]
+        if missing:
+            raise ValueError(f"{f}: not DetailCaps-4870: no column(s) {missing} (found {sorted(have)})")
+        captions = [m for m in DETAILCAPS_MODELS if m in have]
+        if DETAILCAPS_SCORES not in have or len(captions) < 2:
+            raise ValueError(
+                f"{f}: no GPT-4 score column {DETAILCAPS_SCORES!r} or fewer than two of the caption columns "
+                f"{list(DETAILCAPS_MODELS)} (these names are assumed, not confirmed; found {sorted(have)})"
+            )
+
+
 def convert_detailcaps(src: str | Path, out: str | Path) -> dict:
     """DetailCaps-4870 parquet -> I2T pairs ranked by the GPT4_Eval score of each caption."""
+    check_detailcaps_columns(Path(src))
     writer = PairWriter(Path(out))
     stats: Counter[str] = Counter()
     for row in _parquet_rows(Path(src)):
@@ -209,7 +252,8 @@ def convert_detailcaps(src: str | Path, out: str | Path) -> dict:
             stats["skipped_bad_eval"] += 1
             continue
         scored = {
-            m: s for m, v in (evals or {}).items() if isinstance(row.get(m), str) and (s := _score(v)) is not None
+            m: s for m, v in (evals or {}).items()
+            if m in DETAILCAPS_MODELS and isinstance(row.get(m), str) and (s := _score(v)) is not None
         }
         if len(scored) < 2:
             stats["skipped_fewer_than_two_scored_captions"] += 1
@@ -235,11 +279,68 @@ def convert_detailcaps(src: str | Path, out: str | Path) -> dict:
     return {"pairs": writer.count, **stats}
 
 
-VOTES = {"leftvote": ("left", "right"), "rightvote": ("right", "left")}
+def _mean_rating(value: object) -> float | None:
+    ratings = value if isinstance(value, list) else [value]
+    numbers = [r for r in ratings if isinstance(r, int | float) and not isinstance(r, bool)]
+    return float(np.mean(numbers)) if numbers and len(numbers) == len(ratings) else None
+
+
+def _rated_images(src: Path, idx: str, models: dict, stats: Counter) -> dict[str, tuple[float, Path]]:
+    """model -> (mean rating, image file) for the models of one prompt that have both."""
+    rated = {}
+    for model, ratings in sorted(models.items()):
+        mean = _mean_rating(ratings)
+        try:
+            image = inside(src, f"{model}/{idx}.jpeg")
+        except OutsideRoot:
+            image = None
+        if mean is None or image is None or not image.is_file():
+            stats["skipped_unrated_or_missing_images"] += 1
+            continue
+        rated[model] = (mean, image)
+    return rated
 
 
 def convert_genai_bench(src: str | Path, out: str | Path) -> dict:
-    """GenAI-Bench image_generation parquet -> T2I pairs from decisive human votes."""
+    """GenAI-Bench images with human alignment ratings -> T2I pairs of one prompt preferring the higher mean rating."""
+    src = Path(src)
+    meta = src / "genai_image.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} not found (GenAI-Bench: genai_image.json beside one folder per model)")
+    prompts = json.loads(meta.read_text())
+    if not isinstance(prompts, dict):
+        raise ValueError(f"{meta}: expected an object keyed by prompt index")
+    writer = PairWriter(Path(out))
+    stats: Counter[str] = Counter()
+    for idx in sorted(prompts):
+        stats["prompts"] += 1
+        entry = prompts[idx]
+        prompt = entry.get("prompt") if isinstance(entry, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            stats["skipped_no_prompt"] += 1
+            continue
+        rated = _rated_images(src, idx, entry.get("models") or {}, stats)
+        for a, b in itertools.combinations(sorted(rated), 2):
+            if rated[a][0] == rated[b][0]:
+                stats["skipped_tied_pairs"] += 1
+                continue
+            good, bad = (a, b) if rated[a][0] > rated[b][0] else (b, a)
+            writer.write({
+                "id": f"genai-{idx}:{good}>{bad}", "task": "t2i", "group": f"genai-{idx}", "prompt": prompt.strip(),
+                "chosen": writer.image(rated[good][1].read_bytes()),
+                "rejected": writer.image(rated[bad][1].read_bytes()),
+                "meta": {"chosen_model": good, "rejected_model": bad, "chosen_mean_rating": rated[good][0],
+                         "rejected_mean_rating": rated[bad][0]},
+            })
+    writer.close()
+    return {"pairs": writer.count, **stats}
+
+
+VOTES = {"leftvote": ("left", "right"), "rightvote": ("right", "left")}
+
+
+def convert_genai_arena(src: str | Path, out: str | Path) -> dict:
+    """TIGER-Lab GenAI-Bench (GenAI-Arena) image_generation parquet -> T2I pairs from decisive human votes."""
     writer = PairWriter(Path(out))
     stats: Counter[str] = Counter()
     for n, row in enumerate(_parquet_rows(Path(src))):
@@ -259,7 +360,7 @@ def convert_genai_bench(src: str | Path, out: str | Path) -> dict:
             stats["skipped_unreadable_image"] += 1
             continue
         writer.write({
-            "id": f"genai-{n}", "task": "t2i", "prompt": prompt.strip(), "chosen": chosen, "rejected": rejected,
+            "id": f"genai-arena-{n}", "task": "t2i", "prompt": prompt.strip(), "chosen": chosen, "rejected": rejected,
             "meta": {"vote_type": vote, "chosen_model": row.get(f"{good}_model"),
                      "rejected_model": row.get(f"{bad}_model")},
         })
@@ -267,13 +368,14 @@ def convert_genai_bench(src: str | Path, out: str | Path) -> dict:
     return {"pairs": writer.count, **stats}
 
 
-CONVERTERS = {"detailcaps": convert_detailcaps, "genai-bench": convert_genai_bench}
+CONVERTERS = {"detailcaps": convert_detailcaps, "genai-bench": convert_genai_bench, "genai-arena": convert_genai_arena}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Convert a published benchmark to the cyclepref pair format.")
     parser.add_argument("layout", choices=sorted(CONVERTERS))
-    parser.add_argument("src", type=Path, help="parquet file or directory of the published benchmark")
+    parser.add_argument("src", type=Path, help="the published files: a parquet file or directory (detailcaps, "
+                        "genai-arena), the GenAI-Bench folder with genai_image.json (genai-bench)")
     parser.add_argument("out", type=Path, help="output directory (pairs.jsonl + images/)")
     args = parser.parse_args(argv)
     print(json.dumps(CONVERTERS[args.layout](args.src, args.out), indent=2, sort_keys=True))
