@@ -68,6 +68,10 @@ class T2ISpec(ModelRef):
     guidance: float = Field(ge=0.0, description="Classifier-free guidance scale (paper: 7.5; FLUX-schnell: 0).")
     height: int = Field(gt=0, multiple_of=8)
     width: int = Field(gt=0, multiple_of=8)
+    max_sequence_length: int | None = Field(
+        None, gt=0, le=512, description="T5 prompt tokens (SD3, FLUX); None = the pipeline's default "
+        "(FLUX.1-schnell: 256, its model card's value).",
+    )
 
 
 class ImageMetricSpec(Section):

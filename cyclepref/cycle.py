@@ -68,7 +68,7 @@ def captioner_hash(ctx: Context, spec: CaptionerSpec, prompt: str) -> str:
 def t2i_hash(ctx: Context, spec: T2ISpec) -> str:
     return key_of(
         "t2i", ctx.fingerprint(spec.path, spec.revision), spec.family, spec.steps, spec.guidance, spec.height,
-        spec.width, spec.dtype,
+        spec.width, spec.dtype, *([spec.max_sequence_length] if spec.max_sequence_length is not None else []),
     )
 
 

@@ -100,7 +100,8 @@ def unpinned_models(section: object, where: str, root: Path) -> list[str]:
     if isinstance(section, BaseModel):
         fields = type(section).model_fields
         path, revision = getattr(section, "path", None), getattr(section, "revision", "")
-        if "revision" in fields and isinstance(path, str) and is_hub_id(path, root) and not COMMIT.match(revision or ""):
+        pinned = COMMIT.match(revision or "")
+        if "revision" in fields and isinstance(path, str) and is_hub_id(path, root) and not pinned:
             found.append(f"{where}: hub model {path} needs `revision: <40-hex commit hash>` (got {revision!r})")
         for name in fields:
             found += unpinned_models(getattr(section, name), f"{where}.{name}", root)

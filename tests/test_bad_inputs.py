@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures.bad_inputs import KEPT, OUTSIDE, Case, write_corpus
+from fixtures.bad_inputs import OUTSIDE, Case, write_corpus
 
 from cyclepref import inputs as inp
 from cyclepref import store

@@ -208,3 +208,14 @@ def test_t2i_family_dtype_setting(built, name, monkeypatch):
     assert _denoiser(g.pipe).dtype == torch.bfloat16 and g.pipe.vae.dtype == torch.bfloat16
     (im,) = g.generate(["a cat"], [1], batch_size=1)
     assert im.size == (48, 32)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_t5_prompt_length_setting_reaches_the_pipeline(built, name, monkeypatch):
+    g = _t2i(built, name, steps=1, max_sequence_length=24)
+    seen = []
+    original = g.pipe.encode_prompt
+    monkeypatch.setattr(g.pipe, "encode_prompt",
+                        lambda *a, **kw: seen.append(kw["max_sequence_length"]) or original(*a, **kw))
+    g.generate(["a cat"], [1], batch_size=1)
+    assert seen == [24]

@@ -9,7 +9,6 @@ import subprocess
 
 import pytest
 from flow_projects import GIT, ROOT, command_project
-from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from cyclepref.cli import app

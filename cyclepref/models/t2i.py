@@ -60,6 +60,8 @@ class TextToImage:
                 width=self.spec.width,
                 generator=gens,
                 output_type="pil",
+                **({"max_sequence_length": self.spec.max_sequence_length}
+                   if self.spec.max_sequence_length is not None else {}),
             )
             images += result.images
         return images
