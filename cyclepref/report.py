@@ -118,15 +118,48 @@ def headline_section(root: Path) -> str:
     out.append('<p class="note">Meaning of each column: cyclepref/metrics.py.</p>')
     sandbox = read_json(root / "reports/sandbox.json")
     if sandbox:
-        flat = _flatten(sandbox)
-        out += ["<h3>Sandbox ground truth</h3>", table(["metric", "value"], [[esc(k), number(v)] for k, v in flat])]
+        out.append(sandbox_section(sandbox))
     return "".join(out)
 
 
-def _flatten(obj: object, prefix: str = "") -> list[tuple[str, object]]:
-    if isinstance(obj, dict):
-        return [item for k, v in obj.items() for item in _flatten(v, f"{prefix}{k}.")]
-    return [(prefix.rstrip("."), obj)] if isinstance(obj, int | float) and not isinstance(obj, bool) else []
+def interval(value: object, low: object, high: object) -> str:
+    return f"{number(value)} [{number(low)}, {number(high)}]" if value is not None else ""
+
+
+def sandbox_section(sandbox: dict) -> str:
+    """reports/sandbox.json as five small tables: agreement, benchmark accuracy, ladders, Best-of-N, DPO (all
+    measured against ground truth, 95% intervals in brackets; the full report is reports/sandbox.md)."""
+    tasks = ("i2t", "t2i")
+    agree = sandbox.get("agreement", {})
+    bench = sandbox.get("benchmark", {})
+    scorers = sorted({s for t in tasks for s in bench.get(t, {})})
+    bon = sandbox.get("best_of_n", {}).get("tasks", {})
+    verifiers = sorted({v for t in tasks for v in bon.get(t, {}).get("gain", {})})
+    down = sandbox.get("downstream", {}).get("tasks", {})
+    ladder = sandbox.get("ladder", {})
+    ov = {t: agree.get(t, {}).get("overall", {}) for t in tasks}
+    return "".join([
+        "<h3>Sandbox: measured against ground truth</h3>",
+        "<p>Pair labels that agree with ground truth</p>",
+        table(["task", "agreement", "pairs"],
+              [[t, interval(ov[t].get("value"), ov[t].get("ci95_low"), ov[t].get("ci95_high")), number(ov[t].get("n"))]
+               for t in tasks if ov[t]]),
+        "<p>Accuracy on the held-out benchmark</p>",
+        table(["scorer", *tasks], [[esc(s), *(interval(*(bench.get(t, {}).get(s, {}).get(k) for k in
+                                                        ("accuracy", "ci95_low", "ci95_high"))) for t in tasks)]
+                                   for s in scorers]),
+        "<p>Best-of-N: gain in F1 of the pick over N = 1</p>",
+        table(["verifier", *tasks], [[esc(v), *(interval(*(bon.get(t, {}).get(k, {}).get(v) for k in
+                                                         ("gain", "gain_low", "gain_high"))) for t in tasks)]
+                                     for v in verifiers]),
+        "<p>DPO (i2t) and Diffusion-DPO (t2i): F1 before and after</p>",
+        table(["task", "before", "after", "change"],
+              [[t, number(d.get("before")), number(d.get("after")),
+                interval(d.get("delta"), d.get("delta_low"), d.get("delta_high"))] for t, d in down.items()]),
+        "<p>Model ladders: F1 of each model's outputs</p>",
+        table(["task", "model", "F1"], [[t, esc(m), interval(r.get("value"), r.get("ci95_low"), r.get("ci95_high"))]
+                                         for t in tasks for m, r in ladder.get(t, {}).items()]),
+    ])
 
 
 def gates_section(root: Path) -> str:

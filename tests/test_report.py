@@ -198,3 +198,15 @@ def test_a_report_before_any_run_says_what_to_run(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     page = _report(tmp_path)
     assert "run <code>make run</code> (stage score_i2t)" in page and "(stage best_of_n)" in page
+
+
+def test_sandbox_numbers_are_small_tables_with_intervals():
+    from cyclepref.report import interval, sandbox_section
+
+    sandbox = json.loads((ROOT / "reports/sandbox.json").read_text())
+    page = sandbox_section(sandbox)
+    i2t = sandbox["agreement"]["i2t"]["overall"]
+    assert f"<td>i2t</td><td>{interval(i2t['value'], i2t['ci95_low'], i2t['ci95_high'])}</td>" in page
+    reward = sandbox["best_of_n"]["tasks"]["t2i"]
+    assert interval(reward["gain"]["reward"], reward["gain_low"]["reward"], reward["gain_high"]["reward"]) in page
+    assert page.count("<table") == 5 and "by_margin" not in page and "provenance" not in page
