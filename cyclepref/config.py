@@ -396,7 +396,27 @@ class RewardBackbone(Section):
         None,
         gt=0,
         description="Input resolution in px; None = the checkpoint's. Another size resamples the ViT position "
-        "embeddings once (bicubic), e.g. 224 (the paper's) on a 384-px BLIP ITM checkpoint.",
+        "embeddings once (bicubic), e.g. 224 (the paper's) on a 384-px BLIP ITM checkpoint. Images are resized "
+        "(bicubic, shorter side) and centre-cropped to it, as the authors did.",
+    )
+    text_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout of the text encoder's hidden states (BlipTextConfig.hidden_dropout_prob; authors, "
+        "BLIP med_config: 0.1). Training only.",
+    )
+    text_attention_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout of the text encoder's attention probabilities (attention_probs_dropout_prob; "
+        "authors: 0.1). Training only.",
+    )
+    vision_attention_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout of the ViT's attention probabilities (BlipVisionConfig.attention_dropout; authors: 0).",
+    )
+    drop_path_rate: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Stochastic depth of the ViT blocks, rising linearly from 0 (first block) to this (last block) "
+        "(BLIP's ViT-L, as the authors trained: 0.1). Training only.",
     )
 
 

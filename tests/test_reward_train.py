@@ -166,3 +166,18 @@ def test_collator_encodes_each_i2t_image_once_and_reads_t2i_prompts_twice(backbo
     assert batch.chosen["i2t"].tolist() == [0, 1, 2] and batch.rejected["i2t"].tolist() == [3, 4, 5]
     assert batch.chosen["t2i"].tolist() == [6, 7] and batch.rejected["t2i"].tolist() == [8, 9]
     assert torch.equal(batch.input_ids[6], batch.input_ids[8])
+
+
+def test_the_paper_profile_trains_with_the_authors_regularisation_and_the_default_profile_without():
+    from pathlib import Path
+
+    from cyclepref.config import load_params
+    from cyclepref.reward.model import Regularisation
+    from cyclepref.reward.train import regularisation
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    paper = load_params(configs / "paper.yaml").train_reward.model
+    assert regularisation(paper) == Regularisation(text_dropout=0.1, text_attention_dropout=0.1,
+                                                   vision_attention_dropout=0.0, drop_path_rate=0.1)
+    assert paper.image_size == 224
+    assert regularisation(load_params(configs / "default.yaml").train_reward.model) == Regularisation()

@@ -34,6 +34,7 @@ from PIL import Image
 
 from cyclepref.paths import inside
 from cyclepref.reward import Task
+from cyclepref.reward.model import image_pixels
 from cyclepref.scoring import oriented
 
 SPLITS = ("train", "valid", "test")
@@ -403,10 +404,8 @@ class PairCollator:
         tok = self.processor.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        pixels = self.processor.image_processor([im.convert("RGB") for im in images], return_tensors="pt")
-        return PairBatch(
-            pixels["pixel_values"], tok["input_ids"], tok["attention_mask"], torch.tensor(image_index), chosen, rejected
-        )
+        pixels = image_pixels(self.processor.image_processor, images)
+        return PairBatch(pixels, tok["input_ids"], tok["attention_mask"], torch.tensor(image_index), chosen, rejected)
 
 
 class MicroBatches(torch.utils.data.Dataset):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from cyclepref.reward import VARIANT_TASKS
 from cyclepref.reward.data import MicroBatches, PairBatch, PairCollator, PairSet, PairSource
-from cyclepref.reward.model import RewardModel
+from cyclepref.reward.model import Regularisation, RewardModel
 from cyclepref.store import atomic_dir
 
 log = logging.getLogger("cyclepref.reward")
@@ -58,6 +58,16 @@ def combine(losses: dict[str, torch.Tensor], combo_ratio: float) -> torch.Tensor
         return losses["i2t"] * combo_ratio + losses["t2i"]
     (loss,) = losses.values()
     return loss
+
+
+def regularisation(model_cfg) -> Regularisation:
+    """The dropout / drop-path settings of a RewardBackbone params section."""
+    return Regularisation(
+        text_dropout=model_cfg.text_dropout,
+        text_attention_dropout=model_cfg.text_attention_dropout,
+        vision_attention_dropout=model_cfg.vision_attention_dropout,
+        drop_path_rate=model_cfg.drop_path_rate,
+    )
 
 
 # ---------------------------------------------------------------- data plan
@@ -298,7 +308,7 @@ def train_variant(
     mc = cfg.model
     model = RewardModel.from_backbone(
         mc.path, revision=mc.revision, head_widths=mc.head_widths, fix_rate=mc.fix_rate, max_length=mc.max_length,
-        image_size=mc.image_size, seed=cfg.seed,
+        image_size=mc.image_size, regularisation=regularisation(mc), seed=cfg.seed,
     )
     collate = PairCollator(model.processor, model.max_length)
     optimizer = torch.optim.AdamW(
