@@ -249,7 +249,7 @@ def test_train_reward_relaunches_in_two_processes_and_equals_one_process_with_th
         train_project(root, zoo, batch_size=4)
         before = {r.info.run_id for r in all_runs(client)}
         done = subprocess.run([sys.executable, "-m", "tasks.train_reward"], cwd=root, capture_output=True, text=True,
-                              env=env | {"CYCLEPREF_TRAIN_PROCESSES": str(n)}, timeout=600)
+                              env=env | {"CYCLEPREF_TRAIN_PROCESSES": str(n)}, timeout=600, check=False)
         assert done.returncode == 0, done.stderr[-4000:]
         assert done.stdout.count("train_reward: variants=1") == 1
         new = [r for r in all_runs(client) if r.info.run_id not in before]

@@ -285,8 +285,8 @@ class RewardModel(nn.Module):
         try:
             processor = AutoProcessor.from_pretrained(str(path))
             model = cls(
-                BlipConfig.from_dict(cfg["backbone"]), cfg["head_widths"], cfg["fix_rate"], cfg["max_length"], processor,
-                drop_path_rate=cfg.get("drop_path_rate", 0.0),
+                BlipConfig.from_dict(cfg["backbone"]), cfg["head_widths"], cfg["fix_rate"], cfg["max_length"],
+                processor, drop_path_rate=cfg.get("drop_path_rate", 0.0),
             )
             state = load_file(str(path / WEIGHTS_FILE))
         except Exception as err:
@@ -362,7 +362,7 @@ class RewardModel(nn.Module):
             size = crop = (ip.size["height"], ip.size["width"])
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-        top, left = (int(round((s - c) / 2.0)) for s, c in zip(size, crop, strict=True))
+        top, left = (round((s - c) / 2.0) for s, c in zip(size, crop, strict=True))
         x = x[..., top : top + crop[0], left : left + crop[1]]
         mean = torch.tensor(ip.image_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(ip.image_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

@@ -6,9 +6,9 @@ multiple of the number of processes W and process r takes every W-th pair, then 
 `batch_size / W` (`batch_size` is the global micro-batch), so micro-batch m of all processes together holds the same
 pairs as micro-batch m of one process, and the trained model does not depend on W (up to floating-point reduction
 order; a pair count that is not a multiple of W repeats up to W-1 pairs in the last micro-batch). `grad_accum`
-micro-batches make one optimizer step. Dropout draws from a generator seeded by (seed, rank). Because the plan is a pure function of
-(seed, epoch, world size), resuming at micro-batch m reads exactly the batches an uninterrupted run reads, and no
-DistributedSampler (or its clash with shuffle=True) is involved.
+micro-batches make one optimizer step. Dropout draws from the torch generator seeded by (seed, rank). Because the
+plan is a pure function of (seed, epoch, world size), resuming at micro-batch m reads exactly the batches an
+uninterrupted run reads, and no DistributedSampler (or its clash with shuffle=True) is involved.
 
 Validation runs `validations_per_epoch` times per epoch on all valid pairs of the variant's tasks (Combo: the
 combined loss, both tasks). The best model by validation loss is kept; training stops early after `patience`
