@@ -365,7 +365,27 @@ class RewardBackbone(Section):
         None,
         gt=0,
         description="Input resolution in px; None = the checkpoint's. Another size resamples the ViT position "
-        "embeddings once (bicubic), e.g. 224 (the paper's) on a 384-px BLIP ITM checkpoint.",
+        "embeddings once (bicubic), e.g. 224 (the paper's) on a 384-px BLIP ITM checkpoint. Images are resized "
+        "(bicubic, shorter side) and centre-cropped to it, as the authors did.",
+    )
+    text_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout of the text encoder's hidden states (BlipTextConfig.hidden_dropout_prob; authors, "
+        "BLIP med_config: 0.1). Training only.",
+    )
+    text_attention_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout of the text encoder's attention probabilities (attention_probs_dropout_prob; "
+        "authors: 0.1). Training only.",
+    )
+    vision_attention_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout of the ViT's attention probabilities (BlipVisionConfig.attention_dropout; authors: 0).",
+    )
+    drop_path_rate: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Stochastic depth of the ViT blocks, rising linearly from 0 (first block) to this (last block) "
+        "(BLIP's ViT-L, as the authors trained: 0.1). Training only.",
     )
 
 
@@ -391,8 +411,13 @@ class TrainReward(Section):
     variants: list[RewardVariant] = Field(min_length=1, description="i2t, t2i and/or combo; each is trained.")
     seed: NonNegativeInt = 0
     epochs: int = Field(2, gt=0)
-    batch_size: int = Field(128, gt=0, description="Pairs per device per micro-batch (paper: 128).")
-    grad_accum: int = Field(2, gt=0, description="Micro-batches per optimizer step (paper: 2).")
+    batch_size: int = Field(
+        1024, gt=0,
+        description="Pairs per micro-batch over all processes (paper: 128 per GPU x 8 GPUs = 1024); each of the N "
+        "training processes (runtime setting CYCLEPREF_TRAIN_PROCESSES) takes batch_size / N, so the result does "
+        "not depend on N.",
+    )
+    grad_accum: int = Field(2, gt=0, description="Micro-batches per optimizer step (paper: 2, so 2048 pairs a step).")
     lr: dict[RewardVariant, PositiveFloat] = Field(description="Peak learning rate per variant (paper: 2e-5, T2I 3e-5).")
     weight_decay: dict[RewardVariant, NonNegativeFloat] = Field(description="AdamW weight decay per variant (paper: 0, T2I 1e-4).")
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")

@@ -4,6 +4,10 @@ CYCLEPREF_DEVICE   cpu | cuda | cuda:N | auto (default: cuda when available)
 CYCLEPREF_ENGINE   local (default) | ray  — where the GPU stages run their batches
 CYCLEPREF_CAPTION_BACKEND  transformers (default) | vllm — captioning backend (vllm needs GPUs)
 CYCLEPREF_MLFLOW_URI  tracking URI (default: sqlite:///mlflow.db in the project root)
+CYCLEPREF_TRAIN_PROCESSES  N (default 1) — `python -m tasks.train_reward` (the DVC stage's cmd) relaunches itself
+                   under torchrun with N data-parallel processes (one per GPU on cuda; gloo on cpu); rank 0 alone
+                   writes the outputs and logs to MLflow. train_reward.batch_size is the global micro-batch, split
+                   over the N processes, so the trained model does not depend on N.
 """
 
 from __future__ import annotations
@@ -41,3 +45,10 @@ def caption_backend() -> str:
     if value not in ("transformers", "vllm"):
         raise ValueError(f"CYCLEPREF_CAPTION_BACKEND must be 'transformers' or 'vllm', got {value!r}")
     return value
+
+
+def train_processes() -> int:
+    value = os.environ.get("CYCLEPREF_TRAIN_PROCESSES", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"CYCLEPREF_TRAIN_PROCESSES must be a positive integer, got {value!r}")
+    return int(value)

@@ -5,12 +5,16 @@ datasets). Outputs: data/reward/<variant>/model/ (best by validation loss), repo
 reports/metrics/train_reward_<variant>.json (DVC metric).
 Resume checkpoints live in data/work/reward/<variant>/ (not a DVC output), so a rerun after an interruption
 continues where it stopped. One MLflow child run per variant: metrics every step, the model as a pyfunc, the
-training config and the data digest. Multi-GPU: `accelerate launch -m tasks.train_reward` (rank 0 tracks).
+training config and the data digest. Data-parallel training: CYCLEPREF_TRAIN_PROCESSES=N (cyclepref.runtime) makes
+this command relaunch itself under torchrun with N processes and wait for them; rank 0 writes the outputs and
+tracks, so the stage stays one DVC stage with locked outputs.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -81,7 +85,8 @@ def run(params: Params, root: Path) -> dict:
                 **{k: v for k, v in best.items() if k.startswith("val_acc_") or k.startswith("val_loss_")},
             }
             if tracked:
-                mlflow.log_params({"data_digest": result.data_digest, "fingerprint": result.fingerprint})
+                mlflow.log_params({"data_digest": result.data_digest, "fingerprint": result.fingerprint,
+                                   "processes": accelerator.num_processes})
                 mlflow.log_dict(fingerprint_body(variant, cfg), "train_config.json")
                 mlflow.log_dict({"history": result.history, "resumed_from": result.resumed_from}, "history.json")
                 mlflow.log_metrics({"best_val_loss": result.best_loss, "best_step": result.best_step})
@@ -95,7 +100,35 @@ def run(params: Params, root: Path) -> dict:
     return summary
 
 
+def launch_command(processes: int) -> list[str]:
+    """torchrun running this stage in `processes` processes on this machine (a free rendezvous port)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "tasks.train_reward"]
+
+
+def relaunch(processes: int) -> int:
+    """Run the stage under torchrun and return its exit code (the first failing rank's)."""
+    from cyclepref import runtime
+
+    device = runtime.device()
+    if device.startswith("cuda"):
+        import torch
+
+        if processes > torch.cuda.device_count():
+            print(f"train_reward: CYCLEPREF_TRAIN_PROCESSES={processes} but {torch.cuda.device_count()} GPU(s) "
+                  "are visible; use at most one process per GPU", file=sys.stderr)
+            return 2
+    env = os.environ | {"CYCLEPREF_DEVICE": device}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run(launch_command(processes), env=env, check=False).returncode
+
+
 def main() -> None:
+    from cyclepref import runtime
+
+    processes = runtime.train_processes()
+    if processes > 1 and "LOCAL_RANK" not in os.environ:
+        raise SystemExit(relaunch(processes))
     if int(os.environ.get("RANK", "0")) != 0:
         run(load_params(Path.cwd() / "params.yaml"), Path.cwd())
         return

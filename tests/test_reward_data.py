@@ -120,3 +120,64 @@ def test_hf_source_reads_save_to_disk_with_chosen_rejected_columns(tmp_path):
     datasets.Dataset.from_dict({"prompt": ["p"], "image_a": [png((1, 2, 3))]}).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="a single Dataset without a 'split' column"):
         HFPairSource(None, tmp_path / "bad").pairs("t2i", "train")
+
+
+def test_non_embedded_export_reads_its_images_from_the_dataset_dir_wherever_the_process_runs(tmp_path, monkeypatch):
+    from fixtures.pipeline_tables import build_tables
+
+    from cyclepref.config import BuildPairs, ExportDataset
+    from cyclepref.export import write_export
+    from cyclepref.pairs import build_pairs
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    t = build_tables()
+    pairs, _ = build_pairs(pa.concat_tables([t["i2t_scores"], t["t2i_scores"]]), BuildPairs())
+    cands = {"i2t": t["i2t_scores"].select(["candidate_id", "text"]),
+             "t2i": t["t2i_candidates"].select(["candidate_id", "image"])}
+    out = tmp_path / "project" / "data" / "export" / "dataset"
+    write_export(out, pairs, t["inputs"], cands, ExportDataset(embed_images=False))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    pixels = {i: np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+              for i, b in zip(*(t["inputs"].column(c).to_pylist() for c in ("input_id", "image")), strict=True)}
+    pixels |= {c: np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+               for c, b in zip(*(t["t2i_candidates"].column(k).to_pylist() for k in ("candidate_id", "image")),
+                               strict=True)}
+    source = HFPairSource(out, out)
+    by_id = {r["pair_id"]: r for r in pairs.to_pylist()}
+    decoded = 0
+    for task in ("i2t", "t2i"):
+        for split in ("train", "valid", "test"):
+            pairset = source.pairs(task, split)
+            for k in range(len(pairset)):
+                e = pairset.example(k)
+                row = by_id[e.pair_id]
+                if task == "i2t":
+                    assert np.array_equal(np.asarray(e.image), pixels[row["input_id"]])
+                else:
+                    assert np.array_equal(np.asarray(e.chosen), pixels[row["preferred_id"]])
+                    assert np.array_equal(np.asarray(e.rejected), pixels[row["rejected_id"]])
+                decoded += 1
+    assert decoded == pairs.num_rows > 0
+
+
+def test_an_exported_image_path_that_leaves_the_dataset_dir_is_refused(tmp_path, monkeypatch):
+    from cyclepref.paths import OutsideRoot
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "secret.png")
+    root = tmp_path / "export"
+    (root / "i2t").mkdir(parents=True)
+    (root / "images").mkdir()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(root / "images" / "ok.png")
+    ds = datasets.Dataset.from_dict({"image": ["images/ok.png", "../secret.png", str(tmp_path / "secret.png")],
+                                     "preferred_text": ["a", "b", "c"], "rejected_text": ["x", "y", "z"],
+                                     "split": ["train"] * 3})
+    ds.to_parquet(str(root / "i2t" / "train-00000-of-00001.parquet"))
+    monkeypatch.chdir(root)
+    pairset = HFPairSource(root, None).pairs("i2t", "train")
+    assert pairset.example(0).image.getpixel((0, 0)) == (9, 9, 9)
+    for k in (1, 2):
+        with pytest.raises(OutsideRoot, match="resolves outside"):
+            pairset.example(k)

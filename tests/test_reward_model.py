@@ -11,7 +11,14 @@ from PIL import Image
 from cyclepref.models import ModelLoadError
 from cyclepref.reward.authors_keys import AuthorsCheckpointError, load_authors_checkpoint
 from cyclepref.reward.data import PairCollator
-from cyclepref.reward.model import PAPER_HEAD, RewardModel, head_widths_for
+from cyclepref.reward.model import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PAPER_HEAD,
+    Regularisation,
+    RewardModel,
+    head_widths_for,
+)
 from cyclepref.reward.synthetic import colour_pairs
 from cyclepref.reward.train import bradley_terry
 from fixtures.authors_checkpoint import TINY, authors_state_dict
@@ -181,7 +188,8 @@ def test_authors_checkpoint_unknown_missing_and_misshapen_keys_fail_loudly(autho
 def test_image_size_resamples_position_embeddings_and_survives_save(backbone, tmp_path):
     m = RewardModel.from_backbone(backbone, max_length=16, image_size=48)
     assert m.vision_model.embeddings.position_embedding.shape == (1, 37, 32)
-    assert m.processor.image_processor.size == {"height": 48, "width": 48}
+    ip = m.processor.image_processor
+    assert (ip.size["shortest_edge"], ip.crop_size["height"], ip.crop_size["width"]) == (48, 48, 48)
     img = Image.new("RGB", (64, 40), (90, 10, 200))
     score = m.score([img], ["a purple square"])
     loaded = RewardModel.from_pretrained(m.save_pretrained(tmp_path / "rm48"))
@@ -221,3 +229,79 @@ def test_import_checkpoint_registers_the_authors_model_and_it_scores_from_the_re
     bad = CliRunner().invoke(app, ["import-checkpoint", str(tmp_path / "missing.pth"), "--backbone", backbone,
                                    "--root", str(tmp_path)])
     assert bad.exit_code == 2 and "checkpoint not found" in bad.output
+
+
+# ---------------------------------------------------------------- preprocessing and regularisation
+
+
+def noise(width: int, height: int, seed: int) -> Image.Image:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_images_are_resized_on_the_shorter_side_and_centre_cropped_like_the_authors(backbone, tmp_path):
+    """Reference: the authors' transform (CycleReward dataset/dataset.py `_transform`) in torchvision on the PIL image,
+    equal to float precision. The differentiable path resizes float tensors with torch (bicubic a=-0.75, where PIL
+    uses a=-0.5), so its reference is the same torchvision transform on tensors. Odd margins (99x61 -> 51x32) check
+    the rounding of the crop offset; on noise images a one-pixel offset or a squash is far outside the tolerance."""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+    from torchvision.transforms import functional as TF
+
+    m = RewardModel.from_backbone(backbone, max_length=16, image_size=32)
+    reference = Compose([Resize(32, interpolation=InterpolationMode.BICUBIC), CenterCrop(32), ToTensor(),
+                         Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)])
+    loaded = RewardModel.from_pretrained(m.save_pretrained(tmp_path / "rm"))
+    for k, (w, h) in enumerate([(99, 61), (61, 99), (45, 90), (300, 200), (32, 32)]):
+        img = noise(w, h, seed=k)
+        want = reference(img)
+        got = m.pixels([img])[0]
+        assert got.shape == want.shape == (3, 32, 32)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(loaded.pixels([img])[0], got, atol=0, rtol=0)
+        tensor = TF.to_tensor(img)[None]
+        on_tensors = TF.normalize(TF.center_crop(TF.resize(tensor, 32, InterpolationMode.BICUBIC, antialias=True), 32),
+                                  OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        torch.testing.assert_close(m.preprocess_tensor(tensor), on_tensors, atol=1e-5, rtol=0)
+    squashed = Compose([Resize((32, 32), interpolation=InterpolationMode.BICUBIC), ToTensor(),
+                        Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)])(noise(99, 61, seed=0))
+    assert (m.pixels([noise(99, 61, seed=0)])[0] - squashed).abs().max() > 0.5
+
+
+def _two_train_passes(m: RewardModel, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    m.train()
+    with torch.no_grad():
+        return tuple(m(batch.pixel_values, batch.input_ids, batch.attention_mask, batch.image_index) for _ in range(2))
+
+
+def test_dropout_and_drop_path_act_in_training_only_and_leave_eval_scores_unchanged(backbone, tmp_path):
+    pairs = colour_pairs("i2t", 6, seed=3)
+    examples = [pairs.example(i) for i in range(6)]
+    authors = Regularisation(text_dropout=0.1, text_attention_dropout=0.1, drop_path_rate=0.1)
+    plain = RewardModel.from_backbone(backbone, max_length=16, seed=0)
+    reg = RewardModel.from_backbone(backbone, max_length=16, seed=0, regularisation=authors)
+    assert reg.blip_config.text_config.hidden_dropout_prob == 0.1
+    assert reg.blip_config.text_config.attention_probs_dropout_prob == 0.1
+    batch = PairCollator(reg.processor, reg.max_length)({"i2t": examples})
+
+    a, b = _two_train_passes(plain, batch)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    a, b = _two_train_passes(reg, batch)
+    assert not torch.equal(a, b)
+    only_drop_path = RewardModel.from_backbone(backbone, max_length=16, regularisation=Regularisation(
+        drop_path_rate=0.5))
+    a, b = _two_train_passes(only_drop_path, batch)
+    assert not torch.equal(a, b)
+
+    images = [e.image for e in examples]
+    texts = [e.chosen for e in examples]
+    plain.eval()
+    reg.eval()
+    torch.testing.assert_close(reg.score(images, texts), plain.score(images, texts), atol=0, rtol=0)
+    loaded = RewardModel.from_pretrained(reg.save_pretrained(tmp_path / "reg"))
+    assert loaded.drop_path_rate == 0.1 and loaded.blip_config.text_config.hidden_dropout_prob == 0.1
+    a, b = _two_train_passes(loaded, batch)
+    assert not torch.equal(a, b)
+    loaded.eval()
+    torch.testing.assert_close(loaded.score(images, texts), plain.score(images, texts), atol=0, rtol=0)

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import mlflow
@@ -195,3 +196,81 @@ def test_logged_pyfunc_serves_scores_over_http(zoo, mlflow_uri, tmp_path):
                 proc.wait(timeout=10)
         log.close()
     assert torch.isfinite(torch.tensor(scores)).all()
+
+
+def without_key_biases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights without the attention key biases (text `*.self.key.bias`, the key third of the ViT's packed
+    `qkv.bias`): parameters whose exact gradient is zero."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith("self.key.bias"):
+            continue
+        if name.endswith("self_attn.qkv.bias"):
+            d = t.numel() // 3
+            t = torch.cat([t[:d], t[2 * d :]])
+        out[name] = t
+    return out
+
+
+def all_runs(client) -> list:
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def train_project(root: Path, zoo: Path, batch_size: int) -> None:
+    """Reward tables that passed gate@pairs and a combo train_reward section (12 train pairs: 3 steps of 4)."""
+    write_reward_tables(root)
+    (root / "reports" / "dq").mkdir(parents=True)
+    digest = table_digest(root / "data/pairs/pairs.parquet")
+    (root / "reports" / "dq" / "pairs.json").write_text(json.dumps({"success": True, "digest": digest}))
+    write_params(root, train_reward={
+        "model": {"path": str(zoo / "tiny-blip-itm"), "max_length": 32}, "variants": ["combo"],
+        "lr": {"combo": 1e-3}, "weight_decay": {"combo": 0.0}, "epochs": 2, "batch_size": batch_size,
+        "grad_accum": 1, "validations_per_epoch": 3, "patience": 100,
+    })
+
+
+@pytest.mark.slow
+def test_train_reward_relaunches_in_two_processes_and_equals_one_process_with_the_same_global_batch(
+    zoo, mlflow_uri, tmp_path
+):
+    """CYCLEPREF_TRAIN_PROCESSES=2 on CPU (gloo): each process takes 2 of the 4 pairs of a micro-batch and DDP
+    averages the two gradients, which equals one process on all 4 pairs up to the order of float32 sums (about
+    1e-7 relative). Tolerance 1e-5 on scores and weights (measured: 1e-7 on scores, 5e-7 on weights after 6 AdamW
+    steps), while training moves the weights by more than 100 times that. Attention key biases are left out: their
+    exact gradient is zero (softmax ignores a shift shared by all keys), so AdamW turns float noise into lr-sized
+    steps there (measured 1e-4) that change no score. Only rank 0 runs the stage wrapper, writes and tracks."""
+    client = mlflow.MlflowClient()
+    env = os.environ | {"CYCLEPREF_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    models, histories = {}, {}
+    for n in (1, 2):
+        root = tmp_path / f"processes-{n}"
+        root.mkdir()
+        train_project(root, zoo, batch_size=4)
+        before = {r.info.run_id for r in all_runs(client)}
+        done = subprocess.run([sys.executable, "-m", "tasks.train_reward"], cwd=root, capture_output=True, text=True,
+                              env=env | {"CYCLEPREF_TRAIN_PROCESSES": str(n)}, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert done.stdout.count("train_reward: variants=1") == 1
+        new = [r for r in all_runs(client) if r.info.run_id not in before]
+        assert sorted(r.info.run_name for r in new) == ["train_reward", "train_reward/combo"]
+        child = next(r for r in new if r.info.run_name == "train_reward/combo")
+        assert child.data.params["processes"] == str(n)
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+        assert steps == list(range(1, 7))
+        logged = mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list")
+        assert [m.source_run_id for m in logged if m.source_run_id == child.info.run_id] == [child.info.run_id]
+        models[n] = RewardModel.from_pretrained(root / model_dir("combo"))
+        histories[n] = json.loads((root / REPORTS["train"]).read_text())["combo"]
+        assert sorted(p.name for p in (root / "data" / "reward").iterdir()) == ["combo"]
+
+    assert histories[1]["best_step"] == histories[2]["best_step"]
+    assert histories[2]["best_val_loss"] == pytest.approx(histories[1]["best_val_loss"], abs=1e-5)
+    one, two = (without_key_biases(models[n].state_dict()) for n in (1, 2))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    pairs = colour_pairs("i2t", 6, seed=5)
+    images, texts = [e.image for e in pairs.examples], [e.chosen for e in pairs.examples]
+    torch.testing.assert_close(models[2].score(images, texts), models[1].score(images, texts), atol=1e-5, rtol=0)
+    untrained = RewardModel.from_backbone(str(zoo / "tiny-blip-itm"), max_length=32)
+    start = without_key_biases(untrained.state_dict())
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 100 * 1e-5

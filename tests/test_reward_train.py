@@ -166,3 +166,48 @@ def test_collator_encodes_each_i2t_image_once_and_reads_t2i_prompts_twice(backbo
     assert batch.chosen["i2t"].tolist() == [0, 1, 2] and batch.rejected["i2t"].tolist() == [3, 4, 5]
     assert batch.chosen["t2i"].tolist() == [6, 7] and batch.rejected["t2i"].tolist() == [8, 9]
     assert torch.equal(batch.input_ids[6], batch.input_ids[8])
+
+
+def test_the_paper_profile_trains_with_the_authors_regularisation_and_the_default_profile_without():
+    from pathlib import Path
+
+    from cyclepref.config import load_params
+    from cyclepref.reward.model import Regularisation
+    from cyclepref.reward.train import regularisation
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    paper = load_params(configs / "paper.yaml").train_reward.model
+    assert regularisation(paper) == Regularisation(text_dropout=0.1, text_attention_dropout=0.1,
+                                                   vision_attention_dropout=0.0, drop_path_rate=0.1)
+    assert paper.image_size == 224
+    assert regularisation(load_params(configs / "default.yaml").train_reward.model) == Regularisation()
+
+
+def test_the_global_micro_batch_is_split_over_the_processes_into_the_same_pairs_per_step():
+    from cyclepref.reward.train import device_batch
+
+    order = epoch_order(24, 24, seed=3, epoch=0, task="i2t")
+    one = shard(order, world=1, rank=0, batch_size=device_batch(8, 1))
+    two = [shard(order, world=2, rank=r, batch_size=device_batch(8, 2)) for r in range(2)]
+    assert len(one) == len(two[0]) == len(two[1]) == 3
+    for m in range(3):
+        assert sorted(two[0][m] + two[1][m]) == sorted(one[m])
+    assert Schedule.of({"i2t": 24}, 2, device_batch(8, 2), 1, 1).steps == Schedule.of({"i2t": 24}, 1, 8, 1, 1).steps
+    with pytest.raises(ValueError, match="not divisible by the 3 training processes"):
+        device_batch(8, 3)
+
+
+def test_train_processes_is_a_runtime_setting(monkeypatch):
+    from cyclepref import runtime
+    from tasks.train_reward import launch_command
+
+    monkeypatch.delenv("CYCLEPREF_TRAIN_PROCESSES", raising=False)
+    assert runtime.train_processes() == 1
+    monkeypatch.setenv("CYCLEPREF_TRAIN_PROCESSES", "4")
+    assert runtime.train_processes() == 4
+    assert launch_command(4)[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m",
+                                     "tasks.train_reward"]
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("CYCLEPREF_TRAIN_PROCESSES", bad)
+        with pytest.raises(ValueError, match="CYCLEPREF_TRAIN_PROCESSES must be a positive integer"):
+            runtime.train_processes()

@@ -16,9 +16,9 @@ only key dropped on purpose is the text position-id buffer (recomputed by transf
 (a DistributedDataParallel save) is stripped.
 
 The backbone size is read from the tensors (layers, widths, image size from pos_embed and the patch size); head
-counts and the tokenizer / image processor come from a template BLIP ITM checkpoint (`backbone`, e.g.
-Salesforce/blip-itm-large-coco), whose processor is set to the checkpoint's image size. BLIP's ViT uses
-LayerNorm eps 1e-6, which the converted config records.
+counts and the tokenizer come from a template BLIP ITM checkpoint (`backbone`, e.g.
+Salesforce/blip-itm-large-coco); images are read with the authors' transform at the checkpoint's image size
+(model.reward_image_processor). BLIP's ViT uses LayerNorm eps 1e-6, which the converted config records.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from cyclepref.models import load_failed, locate
-from cyclepref.reward.model import RewardModel
+from cyclepref.reward.model import RewardModel, reward_image_processor
 
 V = r"blip\.visual_encoder\."
 VO = "vision_model."
@@ -185,7 +185,7 @@ def load_authors_checkpoint(
         raise load_failed(backbone, err) from err
     config = infer_blip_config(state, template)
     size = config.vision_config.image_size
-    processor.image_processor.size = {"height": size, "width": size}
+    processor.image_processor = reward_image_processor(size)
     model = RewardModel(config, head_widths_of(state), fix_rate, max_length, processor)
     mapped = map_authors_keys(state)
     expected = model.state_dict()

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cyclepref.paths import inside
 from cyclepref.reward import Task
+from cyclepref.reward.model import image_pixels
 from cyclepref.scoring import oriented
 
 SPLITS = ("train", "valid", "test")
@@ -72,8 +74,11 @@ class PairSource(Protocol):
         ...
 
 
-def decode(data: object) -> Image.Image:
-    """An RGB image from PNG/JPEG bytes, a datasets image dict ({bytes, path}), a path or a PIL image."""
+def decode(data: object, root: Path | None = None) -> Image.Image:
+    """An RGB image from PNG/JPEG bytes, a datasets image dict ({bytes, path}), a path or a PIL image.
+
+    With `root` (the directory of the dataset that names the path), a path is read relative to `root` and only
+    when it resolves inside it (cyclepref.paths.inside); without, a path is opened as given."""
     if isinstance(data, Image.Image):
         return data.convert("RGB")
     if isinstance(data, dict):
@@ -81,7 +86,8 @@ def decode(data: object) -> Image.Image:
     if isinstance(data, bytes | bytearray):
         return Image.open(io.BytesIO(data)).convert("RGB")
     if isinstance(data, str | Path):
-        with Image.open(data) as im:
+        path = inside(root, data) if root is not None else data
+        with Image.open(path) as im:
             return im.convert("RGB")
     raise TypeError(f"cannot decode an image from {type(data).__name__}")
 
@@ -220,12 +226,14 @@ SCORE_NAMES = (("preferred_score", "rejected_score", "direction"), ("chosen_scor
 
 @dataclass
 class HFPairSet:
-    """Rows of an exported dataset; `columns` = (shared input, chosen, rejected) column names."""
+    """Rows of an exported dataset; `columns` = (shared input, chosen, rejected) column names. Image paths (an
+    export with `embed_images: false`) are relative to `root`, the dataset directory."""
 
     task: Task
     dataset: object
     name: str
     columns: tuple[str, str, str]
+    root: Path
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -236,9 +244,9 @@ class HFPairSet:
         pid = str(row.get("pair_id") or f"{self.name}[{index}]")
         if self.task == "i2t":
             group = str(row.get("input_id") or _content_key(shared))
-            return PairExample(pid, "i2t", group, decode(shared), None, ch, rj)
+            return PairExample(pid, "i2t", group, decode(shared, self.root), None, ch, rj)
         group = str(row.get("input_id") or hashlib.sha256(shared.encode()).hexdigest()[:16])
-        return PairExample(pid, "t2i", group, None, shared, decode(ch), decode(rj))
+        return PairExample(pid, "t2i", group, None, shared, decode(ch, self.root), decode(rj, self.root))
 
     def cycle_scores(self) -> tuple[np.ndarray, np.ndarray] | None:
         names = next((n for n in SCORE_NAMES if set(n) <= set(self.dataset.column_names)), None)
@@ -314,7 +322,8 @@ class HFPairSource:
         loaded = self._load(task, split)
         if loaded is None:
             return ListPairSet(task, [])
-        return HFPairSet(task, loaded[0], f"{self.paths[task].name}/{task}/{split}", loaded[1])
+        path = self.paths[task]
+        return HFPairSet(task, loaded[0], f"{path.name}/{task}/{split}", loaded[1], path)
 
     def digest(self) -> str:
         from cyclepref.store import file_digest
@@ -395,10 +404,8 @@ class PairCollator:
         tok = self.processor.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        pixels = self.processor.image_processor([im.convert("RGB") for im in images], return_tensors="pt")
-        return PairBatch(
-            pixels["pixel_values"], tok["input_ids"], tok["attention_mask"], torch.tensor(image_index), chosen, rejected
-        )
+        pixels = image_pixels(self.processor.image_processor, images)
+        return PairBatch(pixels, tok["input_ids"], tok["attention_mask"], torch.tensor(image_index), chosen, rejected)
 
 
 class MicroBatches(torch.utils.data.Dataset):

@@ -6,14 +6,24 @@ unbounded scalar, higher = better aligned. The first `fix_rate` of the text laye
 and the projection layers are frozen, and so is the head's output bias: it cancels in r_chosen - r_rejected, so a
 pairwise loss gives it zero gradient.
 
-A saved model is a plain directory: reward_config.json (head, freeze rule, max_length and the BLIP config),
-model.safetensors and the BLIP processor files.
+Images are preprocessed as the authors trained (CycleReward dataset.py `_transform`): bicubic resize of the shorter
+side to the input size, centre crop, scale to [0, 1], normalise with the OpenAI CLIP mean / std
+(`reward_image_processor`). Regularisation follows BLIP's ViT-L / med BERT as the authors trained it when the params
+ask for it (`Regularisation`): dropout of the text encoder's hidden states and attention probabilities
+(transformers' BlipTextConfig), attention dropout of the ViT (BlipVisionConfig), and stochastic depth of the ViT
+blocks, which transformers' BLIP lacks and `add_drop_path` adds as forward hooks (no change to the weights' names).
+
+A saved model is a plain directory: reward_config.json (head, freeze rule, max_length, drop-path rate and the BLIP
+config, dropout included), model.safetensors and the BLIP processor files (the image processor above): training,
+evaluation, `cyclepref score` and the pyfunc serving all read images through this one saved processor.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +39,8 @@ PAPER_TEXT_WIDTH = 768
 CONFIG_FILE = "reward_config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "cyclepref-reward/1"
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def head_widths_for(text_hidden: int, widths: Sequence[int] | None) -> list[int]:
@@ -76,9 +88,9 @@ def frozen_parameter(name: str, n_text_frozen: int, n_vision_frozen: int, fix_ra
     return False
 
 
-def resize_image_input(backbone, processor, size: int) -> None:
-    """Set the ViT input resolution to `size` px: the patch position embeddings are resampled once (bicubic), the
-    config and the image processor follow."""
+def resize_image_input(backbone, size: int) -> None:
+    """Set the ViT input resolution to `size` px: the patch position embeddings are resampled once (bicubic) and
+    the config follows."""
     vc, emb = backbone.config.vision_config, backbone.vision_model.embeddings
     if size == vc.image_size:
         return
@@ -92,9 +104,87 @@ def resize_image_input(backbone, processor, size: int) -> None:
     emb.position_embedding = nn.Parameter(torch.cat([pos[:, :1], patches], 1))
     emb.image_size, emb.num_patches, emb.num_positions = size, new * new, new * new + 1
     vc.image_size = size
-    processor.image_processor.size = {"height": size, "width": size}
 
 
+def reward_image_processor(size: int):
+    """The authors' image transform as the settings of a transformers image processor (saved with the model; applied
+    by `image_pixels`): bicubic resize of the shorter side to `size`, centre crop to size x size, RGB, scale to
+    [0, 1], normalise with the OpenAI CLIP mean / std."""
+    from transformers import BlipImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    return BlipImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": size},
+        resample=PILImageResampling.BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+        do_convert_rgb=True,
+    )
+
+
+def image_pixels(image_processor, images: Sequence[Image.Image]) -> torch.Tensor:
+    """Pixel values (B, 3, S, S) of PIL images under a saved image processor's settings. With a centre crop (every
+    model from `reward_image_processor`) the resize and crop are torchvision's on the PIL image, i.e. exactly the
+    authors' transform (transformers' own crop rounds an odd margin down, torchvision's to the nearest even offset);
+    a processor without a crop (a model saved before) is applied as it is."""
+    ip = image_processor
+    if not getattr(ip, "do_center_crop", False):
+        return ip([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    crop = [ip.crop_size["height"], ip.crop_size["width"]]
+    short = ip.size["shortest_edge"]
+    pixels = [
+        TF.to_tensor(TF.center_crop(TF.resize(im.convert("RGB"), short, InterpolationMode.BICUBIC), crop))
+        for im in images
+    ]
+    return TF.normalize(torch.stack(pixels), list(ip.image_mean), list(ip.image_std))
+
+
+@dataclass(frozen=True)
+class Regularisation:
+    """Dropout and stochastic depth used in training (inactive in eval mode). Authors (BLIP ViT-L, med BERT):
+    text 0.1 / 0.1, ViT attention 0, drop path 0.1."""
+
+    text_dropout: float = 0.0
+    text_attention_dropout: float = 0.0
+    vision_attention_dropout: float = 0.0
+    drop_path_rate: float = 0.0
+
+    def apply(self, blip_config) -> None:
+        """Write the dropout rates into a BlipConfig (drop path is not a transformers setting)."""
+        blip_config.text_config.hidden_dropout_prob = self.text_dropout
+        blip_config.text_config.attention_probs_dropout_prob = self.text_attention_dropout
+        blip_config.vision_config.attention_dropout = self.vision_attention_dropout
+
+
+def _drop_branch(rate: float, module: nn.Module, args, output):
+    """Forward hook: drop a residual branch's output per sample with probability `rate` and scale the kept ones by
+    1 / (1 - rate) (timm's DropPath), in training only."""
+    if not module.training:
+        return None
+    x = output[0] if isinstance(output, tuple) else output
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+    return (x * mask, *output[1:]) if isinstance(output, tuple) else x * mask
+
+
+def add_drop_path(vision_model, rate: float) -> None:
+    """Stochastic depth on both residual branches (attention, MLP) of every ViT block, the rate rising linearly
+    from 0 at the first block to `rate` at the last (BLIP's VisionTransformer)."""
+    layers = vision_model.encoder.layers
+    for i, layer in enumerate(layers):
+        p = rate * i / max(len(layers) - 1, 1)
+        if p > 0:
+            layer.self_attn.register_forward_hook(partial(_drop_branch, p))
+            layer.mlp.register_forward_hook(partial(_drop_branch, p))
 
 
 class RewardModel(nn.Module):
@@ -108,12 +198,15 @@ class RewardModel(nn.Module):
         max_length: int,
         processor,
         backbone=None,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         from transformers import BlipForImageTextRetrieval
 
         if not 0.0 <= fix_rate <= 1.0:
             raise ValueError(f"fix_rate must be in [0, 1], got {fix_rate}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         max_pos = blip_config.text_config.max_position_embeddings
         if not 0 < max_length <= max_pos:
             raise ValueError(f"max_length {max_length} must be in 1..{max_pos} (the text encoder's positions)")
@@ -130,6 +223,8 @@ class RewardModel(nn.Module):
         self.max_length = int(max_length)
         self.processor = processor
         self.metadata: dict = {}
+        self.drop_path_rate = float(drop_path_rate)
+        add_drop_path(self.vision_model, self.drop_path_rate)
         self.apply_freeze()
 
     # ------------------------------------------------------------------ construction
@@ -144,23 +239,32 @@ class RewardModel(nn.Module):
         fix_rate: float = 0.7,
         max_length: int = 128,
         image_size: int | None = None,
+        regularisation: Regularisation | None = None,
         seed: int = 0,
     ) -> RewardModel:
         """A new reward model on a BLIP ITM checkpoint (hub id or local directory); the head is seeded.
-        `image_size`: input resolution (None = the checkpoint's; see resize_image_input)."""
-        from transformers import AutoProcessor, BlipForImageTextRetrieval
+        `image_size`: input resolution (None = the checkpoint's; see resize_image_input); images are read with
+        `reward_image_processor` at that size (the tokenizer is the checkpoint's)."""
+        from transformers import AutoProcessor, BlipConfig, BlipForImageTextRetrieval
 
+        reg = regularisation or Regularisation()
         where = locate(path)
         try:
             processor = AutoProcessor.from_pretrained(where, revision=revision)
-            backbone = BlipForImageTextRetrieval.from_pretrained(where, revision=revision, dtype=torch.float32)
+            config = BlipConfig.from_pretrained(where, revision=revision)
+            reg.apply(config)
+            backbone = BlipForImageTextRetrieval.from_pretrained(
+                where, revision=revision, config=config, dtype=torch.float32
+            )
         except Exception as err:
             raise load_failed(path, err) from err
         if image_size is not None:
-            resize_image_input(backbone, processor, image_size)
+            resize_image_input(backbone, image_size)
+        processor.image_processor = reward_image_processor(backbone.config.vision_config.image_size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return cls(backbone.config, head_widths, fix_rate, max_length, processor, backbone=backbone)
+            return cls(backbone.config, head_widths, fix_rate, max_length, processor, backbone=backbone,
+                       drop_path_rate=reg.drop_path_rate)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> RewardModel:
@@ -181,7 +285,8 @@ class RewardModel(nn.Module):
         try:
             processor = AutoProcessor.from_pretrained(str(path))
             model = cls(
-                BlipConfig.from_dict(cfg["backbone"]), cfg["head_widths"], cfg["fix_rate"], cfg["max_length"], processor
+                BlipConfig.from_dict(cfg["backbone"]), cfg["head_widths"], cfg["fix_rate"], cfg["max_length"],
+                processor, drop_path_rate=cfg.get("drop_path_rate", 0.0),
             )
             state = load_file(str(path / WEIGHTS_FILE))
         except Exception as err:
@@ -200,6 +305,7 @@ class RewardModel(nn.Module):
             "head_widths": self.head_widths,
             "fix_rate": self.fix_rate,
             "max_length": self.max_length,
+            "drop_path_rate": self.drop_path_rate,
             "backbone": self.blip_config.to_dict(),
             "metadata": metadata if metadata is not None else self.metadata,
         }
@@ -239,15 +345,25 @@ class RewardModel(nn.Module):
         return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
     def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return self.processor.image_processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        return image_pixels(self.processor.image_processor, images)
 
     def preprocess_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Differentiable preprocessing of RGB images in [0, 1] (B, 3, H, W): resize and normalise."""
+        """Differentiable preprocessing of RGB images in [0, 1] (B, 3, H, W), as the image processor does it:
+        resize the shorter side and centre crop (or, for a processor without a crop, resize to its size), then
+        normalise."""
         ip = self.processor.image_processor
-        size = (ip.size["height"], ip.size["width"])
         x = pixels
+        if ip.do_center_crop:
+            crop = (ip.crop_size["height"], ip.crop_size["width"])
+            h, w = x.shape[-2:]
+            short = ip.size["shortest_edge"]
+            size = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+        else:
+            size = crop = (ip.size["height"], ip.size["width"])
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        top, left = (round((s - c) / 2.0) for s, c in zip(size, crop, strict=True))
+        x = x[..., top : top + crop[0], left : left + crop[1]]
         mean = torch.tensor(ip.image_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(ip.image_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std

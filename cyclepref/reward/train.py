@@ -2,10 +2,13 @@
 
 Data order is an explicit plan, not a sampler: for epoch e each task's pairs are permuted with a seed derived from
 (seed, e, task, cycle); in Combo the shorter task is cycled to the longer one's length. The order is padded to a
-multiple of the number of processes and process r takes every W-th pair, then cuts its share into micro-batches of
-`batch_size`; `grad_accum` micro-batches make one optimizer step. Because the plan is a pure function of
-(seed, epoch, world size), resuming at micro-batch m reads exactly the batches an uninterrupted run reads, and no
-DistributedSampler (or its clash with shuffle=True) is involved.
+multiple of the number of processes W and process r takes every W-th pair, then cuts its share into micro-batches of
+`batch_size / W` (`batch_size` is the global micro-batch), so micro-batch m of all processes together holds the same
+pairs as micro-batch m of one process, and the trained model does not depend on W (up to floating-point reduction
+order; a pair count that is not a multiple of W repeats up to W-1 pairs in the last micro-batch). `grad_accum`
+micro-batches make one optimizer step. Dropout draws from the torch generator seeded by (seed, rank). Because the
+plan is a pure function of (seed, epoch, world size), resuming at micro-batch m reads exactly the batches an
+uninterrupted run reads, and no DistributedSampler (or its clash with shuffle=True) is involved.
 
 Validation runs `validations_per_epoch` times per epoch on all valid pairs of the variant's tasks (Combo: the
 combined loss, both tasks). The best model by validation loss is kept; training stops early after `patience`
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 
 from cyclepref.reward import VARIANT_TASKS
 from cyclepref.reward.data import MicroBatches, PairBatch, PairCollator, PairSet, PairSource
-from cyclepref.reward.model import RewardModel
+from cyclepref.reward.model import Regularisation, RewardModel
 from cyclepref.store import atomic_dir
 
 log = logging.getLogger("cyclepref.reward")
@@ -60,6 +63,16 @@ def combine(losses: dict[str, torch.Tensor], combo_ratio: float) -> torch.Tensor
     return loss
 
 
+def regularisation(model_cfg) -> Regularisation:
+    """The dropout / drop-path settings of a RewardBackbone params section."""
+    return Regularisation(
+        text_dropout=model_cfg.text_dropout,
+        text_attention_dropout=model_cfg.text_attention_dropout,
+        vision_attention_dropout=model_cfg.vision_attention_dropout,
+        drop_path_rate=model_cfg.drop_path_rate,
+    )
+
+
 # ---------------------------------------------------------------- data plan
 
 
@@ -85,6 +98,16 @@ def shard(order: list[int], world: int, rank: int, batch_size: int) -> list[list
     padded = order + [order[i % len(order)] for i in range((-len(order)) % world)]
     mine = padded[rank::world]
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def device_batch(batch_size: int, world: int) -> int:
+    """Pairs per process per micro-batch: the global micro-batch split evenly over the processes."""
+    if batch_size % world:
+        raise ValueError(
+            f"train_reward.batch_size {batch_size} (pairs per micro-batch over all processes) is not divisible by "
+            f"the {world} training processes (CYCLEPREF_TRAIN_PROCESSES); choose a multiple of {world}"
+        )
+    return batch_size // world
 
 
 @dataclass(frozen=True)
@@ -290,17 +313,19 @@ def train_variant(
             )
     data_digest = source.digest()
     world, rank = acc.num_processes, acc.process_index
+    per_device = device_batch(cfg.batch_size, world)
     expected = fingerprint(variant, cfg, data_digest, world)
-    sched = Schedule.of({t: len(s) for t, s in train_sets.items()}, world, cfg.batch_size, cfg.grad_accum,
+    sched = Schedule.of({t: len(s) for t, s in train_sets.items()}, world, per_device, cfg.grad_accum,
                         cfg.validations_per_epoch)
     total_steps = sched.steps * cfg.epochs
 
     mc = cfg.model
     model = RewardModel.from_backbone(
         mc.path, revision=mc.revision, head_widths=mc.head_widths, fix_rate=mc.fix_rate, max_length=mc.max_length,
-        image_size=mc.image_size, seed=cfg.seed,
+        image_size=mc.image_size, regularisation=regularisation(mc), seed=cfg.seed,
     )
     collate = PairCollator(model.processor, model.max_length)
+    torch.manual_seed(_derived_seed(cfg.seed, "train", rank))
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.lr[variant],
@@ -362,7 +387,7 @@ def train_variant(
     )
     while state.epoch < cfg.epochs and not state.stopped_early:
         plan = {
-            t: (s, shard(epoch_order(len(s), sched.length, cfg.seed, state.epoch, t), world, rank, cfg.batch_size))
+            t: (s, shard(epoch_order(len(s), sched.length, cfg.seed, state.epoch, t), world, rank, per_device))
             for t, s in train_sets.items()
         }
         batches = iter(_loader(plan, collate, state.micro, dataloader_workers()))
@@ -401,7 +426,7 @@ def train_variant(
                 state.epoch += 1
                 state.micro = 0
             if step_in_epoch in sched.validate_after:
-                metrics |= _validate_and_track(raw, valid_sets, collate, cfg, acc, state, work_dir, meta)
+                metrics |= _validate_and_track(raw, valid_sets, collate, cfg, acc, state, work_dir, meta, per_device)
                 checkpoint()
             elif cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 checkpoint()
@@ -435,8 +460,9 @@ def _validate_and_track(
     model: RewardModel, valid_sets: dict[str, PairSet], collate: PairCollator, cfg, acc, state: TrainState,
     work_dir: Path,
     meta: dict,
+    batch_size: int,
 ) -> dict[str, float]:
-    per_task = validate(model, valid_sets, collate, cfg.batch_size, acc)
+    per_task = validate(model, valid_sets, collate, batch_size, acc)
     val_loss = combine({t: torch.tensor(r["loss"]) for t, r in per_task.items()}, cfg.combo_ratio).item()
     improved = state.best_loss is None or val_loss < state.best_loss - cfg.min_delta
     if improved:
