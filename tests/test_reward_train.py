@@ -168,7 +168,7 @@ def test_collator_encodes_each_i2t_image_once_and_reads_t2i_prompts_twice(backbo
     assert torch.equal(batch.input_ids[6], batch.input_ids[8])
 
 
-def test_the_paper_profile_trains_with_the_authors_regularisation_and_the_default_profile_without():
+def test_the_paper_and_default_profiles_train_with_the_authors_regularisation_and_tiny_without():
     from pathlib import Path
 
     from cyclepref.config import load_params
@@ -180,7 +180,8 @@ def test_the_paper_profile_trains_with_the_authors_regularisation_and_the_defaul
     assert regularisation(paper) == Regularisation(text_dropout=0.1, text_attention_dropout=0.1,
                                                    vision_attention_dropout=0.0, drop_path_rate=0.1)
     assert paper.image_size == 224
-    assert regularisation(load_params(configs / "default.yaml").train_reward.model) == Regularisation()
+    assert regularisation(load_params(configs / "default.yaml").train_reward.model) == regularisation(paper)
+    assert regularisation(load_params(configs / "tiny.yaml").train_reward.model) == Regularisation()
 
 
 def test_the_global_micro_batch_is_split_over_the_processes_into_the_same_pairs_per_step():
