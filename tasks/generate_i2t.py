@@ -16,7 +16,7 @@ def run(params: Params, root: Path) -> dict:
     cfg = require(params.generate_i2t, "generate_i2t")
     require_gates("generate_i2t", root, ["inputs"])
     ctx = cycle.Context(root, runtime.device())
-    summary = cycle.generate_i2t(ctx, cfg.captioners, cfg.batch_size)
+    summary = cycle.generate_i2t(ctx, cfg.captioners, runtime.batch_size("generate_i2t", cfg.batch_size))
     tracking.log_examples("generate_i2t", cycle.examples(ctx, "generate_i2t"))
     return summary
 

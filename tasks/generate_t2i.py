@@ -16,7 +16,7 @@ def run(params: Params, root: Path) -> dict:
     cfg = require(params.generate_t2i, "generate_t2i")
     require_gates("generate_t2i", root, ["inputs"])
     ctx = cycle.Context(root, runtime.device())
-    summary = cycle.generate_t2i(ctx, cfg.models, cfg.seeds, cfg.batch_size)
+    summary = cycle.generate_t2i(ctx, cfg.models, cfg.seeds, runtime.batch_size("generate_t2i", cfg.batch_size))
     tracking.log_examples("generate_t2i", cycle.examples(ctx, "generate_t2i"))
     return summary
 

@@ -16,7 +16,7 @@ def run(params: Params, root: Path) -> dict:
     cfg = require(params.reconstruct_i2t, "reconstruct_i2t")
     require_gates("reconstruct_i2t", root, ["i2t_candidates"])
     ctx = cycle.Context(root, runtime.device())
-    summary = cycle.reconstruct_i2t(ctx, cfg.model, cfg.batch_size)
+    summary = cycle.reconstruct_i2t(ctx, cfg.model, runtime.batch_size("reconstruct_i2t", cfg.batch_size))
     tracking.log_examples("reconstruct_i2t", cycle.examples(ctx, "reconstruct_i2t"))
     return summary
 

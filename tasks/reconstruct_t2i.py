@@ -16,7 +16,7 @@ def run(params: Params, root: Path) -> dict:
     cfg = require(params.reconstruct_t2i, "reconstruct_t2i")
     require_gates("reconstruct_t2i", root, ["t2i_candidates"])
     ctx = cycle.Context(root, runtime.device())
-    summary = cycle.reconstruct_t2i(ctx, cfg.captioner, cfg.batch_size)
+    summary = cycle.reconstruct_t2i(ctx, cfg.captioner, runtime.batch_size("reconstruct_t2i", cfg.batch_size))
     tracking.log_examples("reconstruct_t2i", cycle.examples(ctx, "reconstruct_t2i"))
     return summary
 

@@ -16,7 +16,7 @@ def run(params: Params, root: Path) -> dict:
     cfg = require(params.score_i2t, "score_i2t")
     require_gates("score_i2t", root, ["i2t_reconstructions"])
     ctx = cycle.Context(root, runtime.device())
-    summary = cycle.score_i2t(ctx, cfg.metric, cfg.batch_size)
+    summary = cycle.score_i2t(ctx, cfg.metric, runtime.batch_size("score_i2t", cfg.batch_size))
     tracking.log_examples("score_i2t", cycle.examples(ctx, "score_i2t"))
     return summary
 

@@ -16,7 +16,7 @@ def run(params: Params, root: Path) -> dict:
     cfg = require(params.score_t2i, "score_t2i")
     require_gates("score_t2i", root, ["t2i_reconstructions"])
     ctx = cycle.Context(root, runtime.device())
-    summary = cycle.score_t2i(ctx, cfg.metric, cfg.batch_size)
+    summary = cycle.score_t2i(ctx, cfg.metric, runtime.batch_size("score_t2i", cfg.batch_size))
     tracking.log_examples("score_t2i", cycle.examples(ctx, "score_t2i"))
     return summary
 
