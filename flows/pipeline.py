@@ -5,11 +5,18 @@ group is killed) and its GPU memory is freed when the process exits. DVC decides
 as up to date; Prefect caching is off (the only cache is DVC's). Only transient failures are retried (timeouts,
 processes killed by a signal, DVC lock contention, connection errors); a failed data-quality gate, a config error,
 running out of memory and any other stage error fail the flow at once. MLflow lineage: see flows/lineage.py.
+
+Independent stages (the I2T and T2I branches, their gates) run concurrently up to CYCLEPREF_CONCURRENT_STAGES
+(flows/settings.py), each pinned to one of CYCLEPREF_STAGE_GPUS when given. Concurrent `dvc repro --single-item`
+processes share the repository lock: each waits for it (`dvc --wait-for-lock`), starts are staggered, and a stage
+that still loses a race for a lock (.dvc/tmp/lock, rwlock) is retried at once, before Prefect's own retries.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import random
 import re
 import signal
 import subprocess
@@ -40,6 +47,7 @@ TRANSIENT_EXCEPTIONS = (
     "TimeoutError",
 )
 OUT_OF_MEMORY_EXCEPTIONS = ("OutOfMemoryError", "MemoryError")
+LOCK_MARKERS = ("Unable to acquire lock", "is busy, it is being blocked by")
 KILLED_CODES = {137, 143}
 
 
@@ -119,14 +127,21 @@ class PipelineResult:
 
 def stage_order(root: Path) -> list[str]:
     """The stages of root/dvc.yaml in the order `dvc repro` runs them (DVC's own planner on DVC's graph)."""
+    return stage_plan(root)[0]
+
+
+def stage_plan(root: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """(the stages in `dvc repro` order, each stage's direct upstream stages) from DVC's own graph."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
 
     try:
         with Repo(str(root)) as repo:
-            stages = collect_stages(repo, [str(root / "dvc.yaml")])
-            return [_address(s) for s in plan_repro(get_active_graph(repo.index.graph), stages)]
+            graph = get_active_graph(repo.index.graph)
+            planned = plan_repro(graph, collect_stages(repo, [str(root / "dvc.yaml")]))
+            upstream = {_address(s): sorted(_address(u) for u in graph.successors(s)) for s in planned}
+            return [_address(s) for s in planned], upstream
     except DvcException as err:
         raise ConfigError("dvc.yaml", str(err)) from err
 
@@ -169,8 +184,8 @@ def classify(stage: str, returncode: int, output: str, root: Path) -> StageError
     exited = re.findall(r"exited with (-?\d+)", output)
     code = int(exited[-1]) if exited else None
     exceptions = re.findall(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)):", output, flags=re.MULTILINE)
-    if "Unable to acquire lock" in output:
-        return TransientStageError(stage, "the DVC repository lock is held by another process", output)
+    if any(marker in output for marker in LOCK_MARKERS):
+        return TransientStageError(stage, "a DVC lock is held by another process", output)
     status = code if code is not None else returncode
     if returncode < 0 or returncode in KILLED_CODES or status < 0 or status in KILLED_CODES:
         return TransientStageError(stage, f"killed by a signal (exit {status})", output)
@@ -186,11 +201,14 @@ def classify(stage: str, returncode: int, output: str, root: Path) -> StageError
     return StageFailed(stage, f"stage command failed (exit {status})", output)
 
 
-def stage_env(root: Path, parent_run_id: str) -> dict[str, str]:
-    """The stage's environment: this interpreter first on PATH, the tracking URI and the parent run."""
+def stage_env(root: Path, parent_run_id: str, gpu: str | None = None) -> dict[str, str]:
+    """The stage's environment: this interpreter first on PATH, the tracking URI, the parent run and (when the flow
+    pins stages to GPUs) CUDA_VISIBLE_DEVICES."""
     from cyclepref.tracking import tracking_uri
 
     env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     env[lineage.PARENT_ENV] = parent_run_id
     env["CYCLEPREF_MLFLOW_URI"] = tracking_uri(root)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -220,7 +238,7 @@ def execute_stage(
     seen = {"run": False, "skip": False}
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
+            [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage],
             cwd=root,
             env=env,
             stdout=subprocess.PIPE,
@@ -257,6 +275,35 @@ def execute_stage(
     return status, round(time.perf_counter() - started, 2)
 
 
+def dvc_repo_lock(root: Path):
+    """DVC's repository lock (.dvc/tmp/lock), waited for: held while reading dvc.lock, so that a concurrent
+    `dvc repro` (which rewrites dvc.lock in place under this lock) is never read half-written."""
+    from dvc.lock import make_lock
+
+    tmp = root / ".dvc" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return make_lock(str(tmp / "lock"), tmp_dir=str(tmp), wait=True)
+
+
+def is_lock_race(err: StageError) -> bool:
+    return isinstance(err, TransientStageError) and any(marker in err.output for marker in LOCK_MARKERS)
+
+
+def execute_with_lock_retries(
+    stage: str, root: Path, env: dict[str, str], timeout_s: float, echo: Callable[[str], None], retries: int
+) -> tuple[str, float]:
+    """execute_stage, run again after a short random pause when it lost a race for a DVC lock."""
+    for attempt in range(retries + 1):
+        try:
+            return execute_stage(stage, root, env, timeout_s, echo)
+        except TransientStageError as err:
+            if attempt == retries or not is_lock_race(err):
+                raise
+            echo(f"{stage}: a DVC lock is busy; starting again (retry {attempt + 1} of {retries})")
+            time.sleep(random.uniform(0.5, 2.0))
+    raise AssertionError("unreachable")
+
+
 def retry_transient(task_, task_run, state) -> bool:
     """Prefect retry_condition_fn: retry only TransientStageError."""
     try:
@@ -275,7 +322,7 @@ def retry_transient(task_, task_run, state) -> bool:
     persist_result=False,
     retry_condition_fn=retry_transient,
 )
-def run_stage(stage: str, root: str, parent_run_id: str, timeout_s: float):
+def run_stage(stage: str, root: str, parent_run_id: str, timeout_s: float, gpu: str | None = None):
     """One DVC stage in a subprocess, then its MLflow child run (tagged or created). Returns the StageOutcome; a
     stage DVC skipped ends in a Completed state named "Skipped", so the UI tells it from one that ran."""
     from prefect.runtime import task_run
@@ -283,11 +330,13 @@ def run_stage(stage: str, root: str, parent_run_id: str, timeout_s: float):
 
     logger = get_run_logger()
     path = Path(root)
-    status, seconds = execute_stage(stage, path, stage_env(path, parent_run_id), timeout_s, echo=logger.info)
+    env = stage_env(path, parent_run_id, gpu)
+    status, seconds = execute_with_lock_retries(stage, path, env, timeout_s, logger.info, settings.lock_retries())
     client = lineage.client(path)
-    record = (lineage.record_executed if status == lineage.EXECUTED else lineage.record_skipped)(
-        client, parent_run_id, stage, path
-    )
+    with dvc_repo_lock(path):
+        record = (lineage.record_executed if status == lineage.EXECUTED else lineage.record_skipped)(
+            client, parent_run_id, stage, path
+        )
     logger.info("%s: %s in %.1f s (MLflow run %s)", stage, status, seconds, record.child_run_id)
     outcome = StageOutcome(
         stage, status, seconds, int(task_run.run_count or 1), record.child_run_id, record.producer_run_id,
@@ -381,6 +430,56 @@ def publish(result: PipelineResult, root: Path, client) -> None:
     client.log_text(result.parent_run_id, text, "pipeline_summary.md")
 
 
+class StageScheduler:
+    """Starts each stage once its upstream stages have completed, at most `limit` at a time, in DVC's order among
+    the ready ones (limit 1 = exactly `dvc repro`'s sequence). After a failure nothing new starts; the stages
+    already running finish, then the first failure is raised."""
+
+    def __init__(self, stages: list[str], upstream: dict[str, list[str]], limit: int, gpus: list[str] | None = None):
+        self.stages, self.limit = stages, max(1, limit)
+        self.upstream = {s: [u for u in upstream.get(s, []) if u in stages] for s in stages}
+        self.free_gpus = list(gpus or [])
+        self.done: dict[str, object] = {}
+        self.failed: str | None = None
+        self.last_started: str | None = None
+
+    def ready(self, pending: list[str], running: dict) -> list[str]:
+        free = self.limit - len(running)
+        return [s for s in pending if all(u in self.done for u in self.upstream[s])][: max(free, 0)]
+
+    def run(self, submit: Callable[[str, str | None], object], stagger_s: float = 0.0) -> None:
+        """`submit(stage, gpu)` returns a Prefect future whose result is the task's final state."""
+        pending, running, error = list(self.stages), {}, None
+        while running or (pending and error is None):
+            starts = self.ready(pending, running) if error is None else []
+            for i, stage in enumerate(starts):
+                if i or running:
+                    time.sleep(stagger_s)
+                gpu = self.free_gpus.pop(0) if self.free_gpus else None
+                running[stage] = (submit(stage, gpu), gpu)
+                pending.remove(stage)
+                self.last_started = stage
+            if not running:
+                raise RuntimeError(f"stages {pending} wait for stages that are not in the plan")
+            waiting = {future.wrapped_future: stage for stage, (future, _) in running.items()}
+            finished, _ = concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
+            for stage in sorted((waiting[f] for f in finished), key=self.stages.index):
+                future, gpu = running.pop(stage)
+                if gpu is not None:
+                    self.free_gpus.append(gpu)
+                try:
+                    self.done[stage] = future.result()
+                except BaseException as err:
+                    if error is None:
+                        self.failed, error = stage, err
+        if error is not None:
+            raise error
+
+    def outcomes(self) -> list:
+        """The completed stages' outcomes in DVC's order."""
+        return [self.done[s] for s in self.stages if s in self.done]
+
+
 @flow(name="cyclepref-pipeline", persist_result=False)
 @lineage.in_project
 def pipeline(
@@ -394,7 +493,7 @@ def pipeline(
     from prefect.runtime import flow_run
 
     path = Path(root).resolve()
-    stages = stage_order(path)
+    stages, upstream = stage_plan(path)
     profile = read_profile(path)
     timeout = settings.stage_timeout_s() if stage_timeout_s is None else stage_timeout_s
     run = run_stage.with_options(
@@ -405,17 +504,18 @@ def pipeline(
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "cyclepref.stages": ",".join(stages)}
     parent = lineage.start_pipeline_run(client, path, profile, trigger, tags)
     result = PipelineResult(parent, lineage.experiment_id(client), profile, stages)
-    current = None
+    scheduler = StageScheduler(stages, upstream, settings.concurrent_stages(), settings.stage_gpus())
     try:
-        for current in stages:
-            state = run(current, str(path), parent, timeout, return_state=True)
-            result.outcomes.append(state.result())
+        scheduler.run(lambda stage, gpu: run.submit(stage, str(path), parent, timeout, gpu),
+                      stagger_s=settings.stage_stagger_s())
     except BaseException as err:
-        result.failed_stage, result.error = current, str(err)
-        client.set_tag(parent, "cyclepref.failed_stage", current or "")
+        result.outcomes = scheduler.outcomes()
+        result.failed_stage, result.error = scheduler.failed or scheduler.last_started, str(err)
+        client.set_tag(parent, "cyclepref.failed_stage", result.failed_stage or "")
         lineage.finish_pipeline_run(client, parent, path, failed=True)
         publish(result, path, client)
         raise
+    result.outcomes = scheduler.outcomes()
     lineage.finish_pipeline_run(client, parent, path, failed=False)
     publish(result, path, client)
     return result

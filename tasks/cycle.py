@@ -31,7 +31,7 @@ def run(params: Params, root: Path, name: str) -> dict:
     cfg = require(getattr(params, name), name)
     require_gates(name, root, [gate])
     ctx = cycle.Context(root, runtime.device())
-    summary = getattr(cycle, name)(ctx, *(getattr(cfg, f) for f in fields), cfg.batch_size)
+    summary = getattr(cycle, name)(ctx, *(getattr(cfg, f) for f in fields), runtime.batch_size(name, cfg.batch_size))
     tracking.log_examples(name, cycle.examples(ctx, name))
     return summary
 

@@ -45,7 +45,10 @@ def run(params: Params, root: Path) -> dict:
     cfg = require(params.evaluate_reward, "evaluate_reward")
     require_pairs_gate("evaluate_reward", cfg.data, root)
     device = runtime.device()
-    scorers = [RewardScorer(m.name, RewardModel.from_pretrained(root / m.path).to(device)) for m in cfg.models]
+    scorers = [
+        RewardScorer(m.name, runtime.place(RewardModel.from_pretrained(root / m.path), "blip_itm", device, ("head",)))
+        for m in cfg.models
+    ]
     if cfg.clip is not None:
         from cyclepref.models.similarity import ImageEmbedder
 

@@ -9,6 +9,7 @@ import torch
 from fixtures import tiny_families as tf
 from PIL import Image
 
+from cyclepref import runtime
 from cyclepref.config import CaptionerSpec, T2ISpec
 from cyclepref.models import captioner as cap_mod
 from cyclepref.models import t2i as t2i_mod
@@ -110,7 +111,7 @@ def test_captioner_family_prompt_and_length(built, images, name):
 
 @pytest.mark.parametrize("name", list(CAPTIONERS))
 def test_captioner_family_dtype_setting(built, images, name, monkeypatch):
-    monkeypatch.setattr(cap_mod, "torch_dtype", lambda dtype, device: getattr(torch, dtype))
+    monkeypatch.setattr(runtime, "torch_dtype", lambda dtype, device, family="": getattr(torch, dtype))
     cap = _captioner(built, name, max_new_tokens=3, dtype="bfloat16")
     assert cap.model.dtype == torch.bfloat16
     spy = GenerateSpy(cap.model)
@@ -203,7 +204,7 @@ def test_sd3_t5_branch_is_used(built):
 
 @pytest.mark.parametrize("name", list(T2I))
 def test_t2i_family_dtype_setting(built, name, monkeypatch):
-    monkeypatch.setattr(t2i_mod, "torch_dtype", lambda dtype, device: getattr(torch, dtype))
+    monkeypatch.setattr(runtime, "torch_dtype", lambda dtype, device, family="": getattr(torch, dtype))
     g = _t2i(built, name, dtype="bfloat16", steps=1)
     assert _denoiser(g.pipe).dtype == torch.bfloat16 and g.pipe.vae.dtype == torch.bfloat16
     (im,) = g.generate(["a cat"], [1], batch_size=1)

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from cyclepref import runtime
 from cyclepref.config import CaptionerSpec
 from cyclepref.models import ModelLoadError, load_failed, locate
 from cyclepref.models.formats import DETAILED
-from cyclepref.runtime import torch_dtype
 
 DEFAULT_PROMPTS = {
     "llava": DETAILED,
@@ -57,7 +57,9 @@ class Captioner:
                 from transformers import Blip2ForConditionalGeneration as cls
             else:
                 cls = AutoModelForImageTextToText
-            self.model = cls.from_pretrained(path, dtype=torch_dtype(spec.dtype, device), **kw).to(device).eval()
+            fast = runtime.load_kwargs(spec.family, spec.dtype, device)
+            self.model = cls.from_pretrained(path, **fast, **kw).to(device).eval()
+            runtime.compile_parts(self.model, "forward")
         except Exception as err:
             raise load_failed(spec.path, err) from err
         self.tokenizer = getattr(self.processor, "tokenizer", None)
@@ -167,7 +169,7 @@ class InternVLCaptioner:
         kw = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False, **kw)
-            self.model = AutoModel.from_pretrained(path, dtype=torch_dtype(spec.dtype, device), **kw)
+            self.model = AutoModel.from_pretrained(path, **runtime.load_kwargs(spec.family, spec.dtype, device), **kw)
             self.model = self.model.to(device).eval()
         except Exception as err:
             raise load_failed(spec.path, err) from err

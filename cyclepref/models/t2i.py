@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from cyclepref import runtime
 from cyclepref.config import T2ISpec
 from cyclepref.models import load_failed, locate
-from cyclepref.runtime import torch_dtype
 
 
 def _absent_components(path: str) -> dict[str, None]:
@@ -35,7 +35,7 @@ class TextToImage:
             self.pipe = DiffusionPipeline.from_pretrained(
                 path,
                 revision=spec.revision,
-                dtype=torch_dtype(spec.dtype, device),
+                **runtime.load_kwargs(spec.family, spec.dtype, device),
                 trust_remote_code=spec.trust_remote_code,
                 **_absent_components(path),
             )
@@ -43,6 +43,7 @@ class TextToImage:
             raise load_failed(spec.path, err) from err
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        runtime.compile_parts(self.pipe, "unet", "transformer")
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], batch_size: int = 4) -> list[Image.Image]:

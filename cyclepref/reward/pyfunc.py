@@ -109,7 +109,8 @@ class RewardPyfunc(mlflow.pyfunc.PythonModel):
         from cyclepref import runtime
         from cyclepref.reward.model import RewardModel
 
-        self.model = RewardModel.from_pretrained(context.artifacts[ARTIFACT]).to(runtime.device()).eval()
+        model = RewardModel.from_pretrained(context.artifacts[ARTIFACT])
+        self.model = runtime.place(model, "blip_itm", keep_float=("head",)).eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         missing = [c for c in ("image", "text") if c not in model_input.columns]
