@@ -418,8 +418,10 @@ class TrainReward(Section):
         "not depend on N.",
     )
     grad_accum: int = Field(2, gt=0, description="Micro-batches per optimizer step (paper: 2, so 2048 pairs a step).")
-    lr: dict[RewardVariant, PositiveFloat] = Field(description="Peak learning rate per variant (paper: 2e-5, T2I 3e-5).")
-    weight_decay: dict[RewardVariant, NonNegativeFloat] = Field(description="AdamW weight decay per variant (paper: 0, T2I 1e-4).")
+    lr: dict[RewardVariant, PositiveFloat] = Field(
+        description="Peak learning rate per variant (paper: 2e-5, T2I 3e-5).")
+    weight_decay: dict[RewardVariant, NonNegativeFloat] = Field(
+        description="AdamW weight decay per variant (paper: 0, T2I 1e-4).")
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     eps: float = Field(1e-8, gt=0.0)
     combo_ratio: float = Field(1.0, ge=0.0, description="Combo loss = loss_i2t * ratio + loss_t2i.")

@@ -357,7 +357,8 @@ def score_t2i(ctx: Context, metric, batch_size: int) -> dict:
     from cyclepref.scoring import DIRECTIONS
 
     recs = store.read_table(ctx.path("t2i_reconstructions"), tables.T2I_RECONSTRUCTIONS)
-    prompts = {r["input_id"]: r["prompt"] for r in read_inputs(ctx, "prompt").select(["input_id", "prompt"]).to_pylist()}
+    rows = read_inputs(ctx, "prompt").select(["input_id", "prompt"]).to_pylist()
+    prompts = {r["input_id"]: r["prompt"] for r in rows}
     metric_hash = key_of("metric", metric.kind, ctx.fingerprint(metric.path, metric.revision))
     rows = recs.select(["candidate_id", "input_id", "model", "text"]).to_pylist()
     keys = [key_of(r["candidate_id"], r["text"], metric_hash) for r in rows]

@@ -115,8 +115,6 @@ def place(module, family: str, device_name: str | None = None, keep_float: tuple
           params_dtype: str = "float32"):
     """`module` on the device in the family's dtype (dtype_name); the children named in `keep_float` (small heads
     whose inputs are upcast) stay float32."""
-    import torch
-
     dev = device_name or device()
     module = module.to(dev, torch_dtype(params_dtype, dev, family))
     for name in keep_float:
