@@ -39,6 +39,24 @@ def prompt_for(spec: CaptionerSpec) -> str:
     return spec.prompt if spec.prompt is not None else DEFAULT_PROMPTS[spec.family]
 
 
+def in_batches(generate, images: Sequence[Image.Image], batch_size: int, sample: dict | None,
+               seeds: Sequence[int] | None) -> list[str]:
+    """`generate(rgb_images, generate_kwargs) -> captions` over batches: greedy batch by batch, or sampled one image at
+    a time with the torch seed of that item, so an item's caption never depends on its batch."""
+    out: list[str] = []
+    for start in range(0, len(images), batch_size):
+        batch = [im.convert("RGB") for im in images[start : start + batch_size]]
+        if sample is None:
+            out += generate(batch, {"do_sample": False})
+            continue
+        if seeds is None:
+            raise ValueError("sampling needs one seed per image")
+        for i, im in enumerate(batch):
+            torch.manual_seed(int(seeds[start + i]))
+            out += generate([im], {"do_sample": True, **sample})
+    return out
+
+
 class Captioner:
     """Batched greedy (or seeded sampled) captioning with left padding; one model load per instance."""
 
@@ -81,18 +99,7 @@ class Captioner:
     ) -> list[str]:
         """Raw (uncleaned) captions, one per image. `sample` = generate kwargs for sampling (e.g. temperature);
         sampling is seeded per item from `seeds`, so an item's caption does not depend on its batch."""
-        out: list[str] = []
-        for start in range(0, len(images), batch_size):
-            batch = [im.convert("RGB") for im in images[start : start + batch_size]]
-            if sample is None:
-                out += self._generate(batch, {"do_sample": False})
-            else:
-                if seeds is None:
-                    raise ValueError("sampling needs one seed per image")
-                for i, im in enumerate(batch):
-                    torch.manual_seed(int(seeds[start + i]))
-                    out += self._generate([im], {"do_sample": True, **sample})
-        return out
+        return in_batches(self._generate, images, batch_size, sample, seeds)
 
     def _generate(self, batch: list[Image.Image], gen: dict) -> list[str]:
         inputs = self.processor(images=batch, text=[self._text] * len(batch), return_tensors="pt", padding=True)
@@ -184,18 +191,7 @@ class InternVLCaptioner:
 
     @torch.inference_mode()
     def caption(self, images, batch_size: int = 8, sample: dict | None = None, seeds=None) -> list[str]:
-        out: list[str] = []
-        for start in range(0, len(images), batch_size):
-            batch = list(images[start : start + batch_size])
-            if sample is None:
-                out += self._chat(batch, {"do_sample": False})
-            else:
-                if seeds is None:
-                    raise ValueError("sampling needs one seed per image")
-                for i, im in enumerate(batch):
-                    torch.manual_seed(int(seeds[start + i]))
-                    out += self._chat([im], {"do_sample": True, **sample})
-        return out
+        return in_batches(self._chat, images, batch_size, sample, seeds)
 
     def _chat(self, batch: list[Image.Image], gen: dict) -> list[str]:
         tiles = [self.pixels(im) for im in batch]
