@@ -4,7 +4,7 @@ Torch runs one thread (CYCLEPREF_BENCH_THREADS, default 1): on a shared 2-core m
 lose their core to another process stall each other, and that, not batching, made earlier single-sample ratios
 swing by x3. The ratios of the previous results.json are compared with this run's: two runs agree on a ratio when
 each run's median lies within the other's [min, max].
-    python bench/run_all.py [--repeats 5] [--out bench/results.json]
+    python bench/run_all.py [--repeats 7] [--out bench/results.json]
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _overhead_lines(o: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results.json")
     args = parser.parse_args()
     import torch
