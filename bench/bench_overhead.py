@@ -100,13 +100,14 @@ def _time(fn) -> float:
     return time.perf_counter() - started
 
 
-def stage_seconds(uri: str, parent_run_id: str) -> dict[str, float]:
+def stage_metrics(uri: str, parent_run_id: str, name: str) -> dict[str, float]:
+    """stage -> one metric its MLflow run logged (cyclepref.stage logs `seconds` and `peak_rss_mib`)."""
     from mlflow import MlflowClient
 
     from flows import lineage
 
     client = MlflowClient(uri)
-    return {k.info.run_name: k.data.metrics.get("seconds", 0.0) for k in lineage.children(client, parent_run_id)}
+    return {k.info.run_name: k.data.metrics.get(name, 0.0) for k in lineage.children(client, parent_run_id)}
 
 
 def toy_pipeline(tmp: Path, env: dict, repeats: int, echo) -> dict:
@@ -126,14 +127,16 @@ def toy_pipeline(tmp: Path, env: dict, repeats: int, echo) -> dict:
     started = time.perf_counter()
     first = repro(project, trigger="bench", echo=lambda line: None)
     wall = time.perf_counter() - started
-    own = stage_seconds(uri, first.parent_run_id)
+    own = stage_metrics(uri, first.parent_run_id, "seconds")
+    logged_rss = stage_metrics(uri, first.parent_run_id, "peak_rss_mib")
     echo(f"toy pipeline: {len(stages)} stages in {wall:.1f} s, stages' own seconds {sum(own.values()):.1f}")
     per_stage = {}
     for stage in stages:
         cmd = _stage_cmd(project, stage)
         spans = [run_process(["bash", "-c", cmd], project, env) for _ in range(repeats)]
         per_stage[stage] = {"process_seconds": harness.summary([s for s, _ in spans], 3),
-                            "peak_rss_mib": max(m for _, m in spans), "own_seconds": own.get(stage)}
+                            "peak_rss_mib": max(m for _, m in spans), "own_seconds": own.get(stage),
+                        "peak_rss_mib_logged": logged_rss.get(stage)}
     dvc_noop = repeat(lambda: run_process([sys.executable, "-m", "dvc", "repro"], project, env)[0], repeats)
     echo(f"dvc repro no-op {dvc_noop['median']} s")
     return {

@@ -108,9 +108,11 @@ def _overhead_lines(o: dict) -> list[str]:
              f"of the stages' own work: {first['overhead_s']} s overhead, {first['overhead_per_stage_s']} s per "
              f"stage (process start, imports, params, DVC hashing and dvc.lock, MLflow lineage).",
              "",
-             "| stage | process wall s (median) | own s | peak RSS MiB |", "|---|---|---|---|"]
+             "| stage | process wall s (median) | own s | peak RSS MiB (wait4) | peak RSS MiB (logged to MLflow) |",
+             "|---|---|---|---|---|"]
     for stage, p in toy["stage_processes"].items():
-        lines.append(f"| {stage} | {p['process_seconds']['median']} | {p['own_seconds']} | {p['peak_rss_mib']} |")
+        lines.append(f"| {stage} | {p['process_seconds']['median']} | {p['own_seconds']} | {p['peak_rss_mib']} | "
+                     f"{p.get('peak_rss_mib_logged')} |")
     noop = toy["prefect_pipeline_noop"]
     est = o["default_pipeline_estimate"]
     lines += ["", f"`dvc repro` with nothing to do: {toy['dvc_repro_noop_s']['median']} s (median; "

@@ -38,3 +38,13 @@ def test_agreement_needs_each_median_inside_the_other_range():
     assert not harness.agree(a, {"median": 4.2, "min": 4.15, "max": 4.3})
     tree = {"cycle": {"stages": {"x": {"ratio": a}}}, "pairs": {"ratio": a}}
     assert set(harness.ratios(tree)) == {"cycle.stages.x", "pairs"}
+
+
+def test_stage_peak_memory_sees_a_large_allocation():
+    from cyclepref.stage import peak_memory
+
+    before = peak_memory()["peak_rss_mib"]
+    block = bytearray(300 * 2**20)
+    block[:: 4096] = b"x" * len(block[:: 4096])
+    after = peak_memory()["peak_rss_mib"]
+    assert after - before > 250, (before, after)
