@@ -256,8 +256,7 @@ def _llava(b: Bench, dtype: torch.dtype, attention: str):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     text = LlamaConfig(**b.sizes["llava_text"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**b.sizes["llava_vision"]), text_config=text,
-                      image_token_id=32000)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**b.sizes["llava_vision"]), text_config=text)
     cfg._attn_implementation = attention
     with torch.device(b.device):
         model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype).eval()
@@ -275,8 +274,9 @@ def bench_captioner(b: Bench) -> None:
                               f"skipped: {b.left():.0f} s left"))
             continue
         model = _llava(b, arm.dtype, arm.attention)
+        image_token = getattr(model.config, "image_token_id", None) or model.config.image_token_index
         for batch in (b.sizes["llava_batch"], 1):
-            prompt = [1] + [32000] * image_tokens + list(range(1000, 1000 + b.sizes["llava_prompt_tokens"]))
+            prompt = [1] + [image_token] * image_tokens + list(range(1000, 1000 + b.sizes["llava_prompt_tokens"]))
             ids = torch.tensor([prompt] * batch, device=b.device)
             pixels = torch.randn(batch, 3, vision["image_size"], vision["image_size"], device=b.device,
                                  dtype=arm.dtype)
