@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--device", default=None)
     parser.add_argument("--budget-s", type=float, default=450.0)
     parser.add_argument("--min-s", type=float, default=None, help="timed seconds per measurement")
-    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; smoke: eager)")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend (default inductor; smoke: eager)")
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     args = parser.parse_args(argv)
     device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")

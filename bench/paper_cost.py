@@ -93,7 +93,8 @@ def _hours(value: float) -> str:
 
 def markdown() -> str:
     table = rows()
-    lines = ["| stage: model | A100-80GB GPU-hours | 8 GPUs, wall h | 64 GPUs, wall h | source |", "|---|---|---|---|---|"]
+    lines = ["| stage: model | A100-80GB GPU-hours | 8 GPUs, wall h | 64 GPUs, wall h | source |",
+             "|---|---|---|---|---|"]
     for name, hours, source in table:
         per = next((s[4] for m, s in CAPTIONERS_SPEC.items() if name.endswith(m)), 1)
         cells = [hours, wall_hours(hours, 8, per), wall_hours(hours, 64, per)]

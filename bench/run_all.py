@@ -56,7 +56,8 @@ def markdown(report: dict) -> str:
         "at least 1 s (`calls` per sample); ratio per round, median [min, max] over the rounds. Written by "
         "`bench/run_all.py`; the JSON beside this file has every number.",
         "",
-        "| benchmark | ratio | median | min | max | s/call (fast arm, median) | calls per sample (slow / fast) | load before |",
+        "| benchmark | ratio | median | min | max | s/call (fast arm, median) | calls per sample (slow / fast) "
+        "| load before |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for path, block in _ratio_blocks(report["benchmarks"]):
