@@ -1,22 +1,19 @@
 """Benchmark: build_pairs at paper scale (PAPER.md §2: 7,600 inputs x 11 captions, x 12 images) against a naive
 per-pair Python loop that applies the same rule, on synthetic score tables.
 
-    .venv/bin/python bench/bench_pairs.py [--inputs 7600] [--out bench/results/bench_pairs.json]
+    .venv/bin/python bench/bench_pairs.py [--inputs 1000] [--repeats 5] [--out FILE]
 
 Each side gets its natural input: build_pairs an Arrow table (as the stage reads it from parquet), the loop a pandas
-frame. Reports the best wall time of a few runs, peak memory of one more run (Python/numpy allocations via
-tracemalloc, Arrow allocations via a proxy memory pool) and the speed-up, checks that both give the same pairs, and
-writes the numbers as JSON with the machine's load average (timings on a busy machine are noisy).
+frame. Timing by bench/harness.py (interleaved arms, repeats, ratio per round); peak memory of one more run
+(Python/numpy allocations via tracemalloc, Arrow allocations via a proxy memory pool); checks that both give the same
+pairs. 1,000 inputs keep the loop near 1 s per call; both arms scale linearly in the inputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
-import time
+import sys
 import tracemalloc
 from itertools import combinations
 from pathlib import Path
@@ -25,8 +22,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from cyclepref.config import BuildPairs
-from cyclepref.pairs import PairRule, build_pairs
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import harness  # noqa: E402
+
+from cyclepref.config import BuildPairs  # noqa: E402
+from cyclepref.pairs import PairRule, build_pairs  # noqa: E402
 
 CASES = {"i2t": (11, "dreamsim", "lower"), "t2i": (12, "sbert", "higher")}
 
@@ -83,14 +84,9 @@ def naive_pairs(scores: pd.DataFrame, rule: PairRule) -> pd.DataFrame:
     return pd.DataFrame(out, columns=["input_id", "preferred_id", "rejected_id", "margin"])
 
 
-def _measure(fn, repeat: int):
-    """(result, best wall seconds of `repeat` runs, peak bytes of one more run: Python/numpy allocations seen by
-    tracemalloc, and Arrow allocations seen by a proxy of Arrow's memory pool)."""
-    seconds = math.inf
-    for _ in range(repeat):
-        started = time.perf_counter()
-        result = fn()
-        seconds = min(seconds, time.perf_counter() - started)
+def _peak_memory(fn) -> tuple[int, int]:
+    """Peak bytes of one run of fn: Python/numpy allocations seen by tracemalloc, and Arrow allocations seen by a
+    proxy of Arrow's memory pool."""
     default_pool = pa.default_memory_pool()
     pool = pa.proxy_memory_pool(default_pool)
     pa.set_memory_pool(pool)
@@ -101,66 +97,54 @@ def _measure(fn, repeat: int):
     finally:
         tracemalloc.stop()
         pa.set_memory_pool(default_pool)
-    return result, seconds, (peak, pool.max_memory())
+    return peak, pool.max_memory()
 
 
-def bench(n_inputs: int, repeat: int = 3) -> dict:
+def run(n_inputs: int = 1000, repeats: int = 5, min_s: float = 1.0, echo=print) -> dict:
     cfg = BuildPairs()
-    build_pairs(synthetic_scores("i2t", 10), cfg.model_copy(update={"tasks": ["i2t"]}))
     results = {}
     for task, (k, metric, direction) in CASES.items():
         scores = synthetic_scores(task, n_inputs)
         arrow_scores = pa.Table.from_pandas(scores, preserve_index=False)
         rule = PairRule.for_metric(metric, direction, cfg)
         task_cfg = cfg.model_copy(update={"tasks": [task]})
-        (table, counts), fast_s, fast_peak = _measure(lambda: build_pairs(arrow_scores, task_cfg), repeat)
-        naive, naive_s, naive_peak = _measure(lambda: naive_pairs(scores, rule), max(1, repeat // 2))
-        fast = table.select(["input_id", "preferred_id", "rejected_id"]).to_pandas()
+        fast_fn, naive_fn = (lambda: build_pairs(arrow_scores, task_cfg)), (lambda: naive_pairs(scores, rule))
+        table, counts = fast_fn()
+        naive = naive_fn()
         key = ["input_id", "preferred_id", "rejected_id"]
+        fast = table.select(key).to_pandas()
         same = fast.sort_values(key).reset_index(drop=True).equals(naive[key].sort_values(key).reset_index(drop=True))
+        r = harness.compare({"vectorised": fast_fn, "naive_loop": naive_fn}, ("naive_loop", "vectorised"), repeats,
+                            min_s)
+        mib = {name: [round(b / 2**20, 1) for b in _peak_memory(fn)] for name, fn in
+               (("vectorised", fast_fn), ("naive_loop", naive_fn))}
         results[task] = {
             "inputs": n_inputs,
             "candidates_per_input": k,
             "candidate_rows": len(scores),
             "candidate_pairs": counts[task]["considered"],
             "pairs": table.num_rows,
-            "vectorised_seconds": round(fast_s, 3),
-            "vectorised_peak_mib": {"python_numpy": round(fast_peak[0] / 2**20, 1),
-                                    "arrow": round(fast_peak[1] / 2**20, 1)},
-            "naive_seconds": round(naive_s, 3),
-            "naive_peak_mib": {"python_numpy": round(naive_peak[0] / 2**20, 1),
-                               "arrow": round(naive_peak[1] / 2**20, 1)},
-            "speedup": round(naive_s / fast_s, 1),
             "same_pairs": bool(same),
+            "peak_mib_python_numpy_and_arrow": mib,
+            **r,
         }
-    return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
-        f"{platform.python_version()}",
-        "load_average_1min": round(os.getloadavg()[0], 2),
-        "repeat": repeat,
-        "tasks": results,
-    }
+        echo(f"pairs {task} x{r['ratio']['median']:6.2f} [{r['ratio']['min']:.2f}, {r['ratio']['max']:.2f}] "
+             f"load {r['load_average_before'][0]}")
+    if not all(r["same_pairs"] for r in results.values()):
+        raise SystemExit("vectorised and naive pairs differ")
+    return {"what": "build_pairs (Arrow, vectorised) vs the obvious per-pair loop; ratio = loop s / vectorised s",
+            "tasks": results}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inputs", type=int, default=7600)
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs (best kept); the naive loop runs half")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/bench_pairs.json"))
+    parser.add_argument("--inputs", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    report = bench(args.inputs, args.repeat)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    for task, r in report["tasks"].items():
-        print(
-            f"{task}: {r['inputs']} x {r['candidates_per_input']} -> {r['pairs']} pairs; "
-            f"vectorised {r['vectorised_seconds']} s (peak MiB {r['vectorised_peak_mib']}), "
-            f"naive loop {r['naive_seconds']} s (peak MiB {r['naive_peak_mib']}), x{r['speedup']}, "
-            f"same={r['same_pairs']}"
-        )
-    print(f"written to {args.out}")
-    if not all(r["same_pairs"] for r in report["tasks"].values()):
-        raise SystemExit("vectorised and naive pairs differ")
+    report = {"machine": harness.machine(), **run(args.inputs, args.repeats)}
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,31 +1,32 @@
-"""Benchmark: reward-model scoring throughput (pairs/s), batched `score(images, texts)` against one pair per call,
-in one process, on the same pairs.
-
-    .venv/bin/python bench/bench_reward.py [--backbone data/zoo/tiny-blip-itm] [--pairs 128] [--batch-size 32]
-                                            [--out bench/results/bench_reward.json]
+"""Benchmark: reward-model scoring, batched `score(images, texts)` against one pair per call, in one process, on the
+same pairs (arms interleaved and sized by bench/harness.py).
 
 Two workloads: `distinct` (every pair has its own image) and `shared` (8 captions per image, as in I2T best-of-N,
-where the batched path encodes each image once). Without the backbone directory the tiny offline BLIP ITM is built
-into a temporary directory. Checks that both paths give the same scores and writes the numbers as JSON.
+where the batched path encodes each image once). The tiny offline BLIP ITM is built into a temporary directory
+unless --backbone names one. Checks that both arms give the same scores.
+    python bench/bench_reward.py [--backbone DIR] [--pairs 64] [--batch-size 32] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
+import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from cyclepref import runtime
-from cyclepref.reward.model import RewardModel
-from cyclepref.reward.synthetic import COLOURS, colour_image
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import harness  # noqa: E402
+
+from cyclepref import runtime  # noqa: E402
+from cyclepref.reward.model import RewardModel  # noqa: E402
+from cyclepref.reward.synthetic import COLOURS, colour_image  # noqa: E402
 
 
 def workload(kind: str, n: int, size: int, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
@@ -45,66 +46,52 @@ def one_per_call(model: RewardModel, images: list[Image.Image], texts: list[str]
     return torch.cat([model.score([im], [t]) for im, t in zip(images, texts, strict=True)])
 
 
-def rate(fn, n: int, repeats: int = 2) -> tuple[float, torch.Tensor]:
-    """Best of `repeats` timed runs of fn() (which scores n pairs)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return n / best, out
+def run(backbone: str | None = None, pairs: int = 64, batch_size: int = 32, repeats: int = 5, min_s: float = 1.0,
+        echo=print) -> dict:
+    device = runtime.device()
+    with tempfile.TemporaryDirectory() as tmp:
+        if backbone is None or not Path(backbone).exists():
+            from cyclepref.models import zoo
+
+            backbone = str(zoo.build("blip_itm", Path(tmp), seed=0, image_size=32))
+        model = runtime.place(RewardModel.from_backbone(backbone), "blip_itm", device, ("head",)).eval()
+    size = model.processor.image_processor.size["height"]
+    results = {}
+    for kind in ("distinct", "shared"):
+        images, texts = workload(kind, pairs, size)
+        batched, single = partial(model.score, images, texts, batch_size=batch_size), partial(
+            one_per_call, model, images, texts)
+        max_diff = float((batched() - single()).abs().max())
+        if max_diff > 1e-4:
+            raise SystemExit(f"{kind}: batched and single scores differ by {max_diff}")
+        r = harness.compare({"batched": batched, "one_per_call": single}, ("one_per_call", "batched"), repeats,
+                            min_s)
+        r["pairs_per_s"] = {arm: round(pairs / v["median"], 1) for arm, v in r["seconds_per_call"].items()}
+        r["max_abs_diff"] = max_diff
+        results[kind] = r
+        echo(f"reward {kind:8s} x{r['ratio']['median']:6.2f} [{r['ratio']['min']:.2f}, {r['ratio']['max']:.2f}] "
+             f"{r['pairs_per_s']} load {r['load_average_before'][0]}")
+    return {
+        "what": "reward scoring pairs/s, batched vs one pair per call; ratio = one-per-call s / batched s",
+        "backbone": "tiny offline BLIP ITM" if "tmp" in backbone else backbone,
+        "device": device,
+        "pairs": pairs,
+        "batch_size": batch_size,
+        "workloads": results,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", default="data/zoo/tiny-blip-itm")
-    parser.add_argument("--pairs", type=int, default=128)
+    parser.add_argument("--backbone")
+    parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/bench_reward.json"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-
-    device = runtime.device()
-    with tempfile.TemporaryDirectory() as tmp:
-        backbone = args.backbone
-        if not Path(backbone).exists():
-            from cyclepref.models import zoo
-
-            backbone = str(zoo.build("blip_itm", Path(tmp), seed=0, image_size=32))
-        model = RewardModel.from_backbone(backbone).to(device).eval()
-    size = model.processor.image_processor.size["height"]
-    report = {
-        "backbone": args.backbone,
-        "device": device,
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "pairs": args.pairs,
-        "batch_size": args.batch_size,
-        "results": {},
-    }
-    warm_images, warm_texts = workload("distinct", 8, size, seed=1)
-    model.score(warm_images, warm_texts)
-    model.score(warm_images[:1], warm_texts[:1])
-    for kind in ("distinct", "shared"):
-        images, texts = workload(kind, args.pairs, size)
-        batched_rate, batched = rate(partial(model.score, images, texts, batch_size=args.batch_size), args.pairs)
-        single_rate, single = rate(partial(one_per_call, model, images, texts), args.pairs)
-        max_diff = float((batched - single).abs().max())
-        if max_diff > 1e-4:
-            raise SystemExit(f"{kind}: batched and single scores differ by {max_diff}")
-        report["results"][kind] = {
-            "batched_pairs_per_s": round(batched_rate, 1),
-            "single_pairs_per_s": round(single_rate, 1),
-            "speedup": round(batched_rate / single_rate, 2),
-            "max_abs_diff": max_diff,
-        }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    for kind, r in report["results"].items():
-        print(
-            f"{kind:8s}: batched {r['batched_pairs_per_s']:8.1f} pairs/s, one per call {r['single_pairs_per_s']:7.1f} "
-            f"pairs/s, x{r['speedup']} (max |diff| {r['max_abs_diff']:.1e})"
-        )
-    print(f"written to {args.out}")
+    report = {"machine": harness.machine(), **run(args.backbone, args.pairs, args.batch_size, args.repeats)}
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

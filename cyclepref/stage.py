@@ -39,6 +39,7 @@ def main(stage: str, run: Callable[[Params, Path], dict], params_path: str = "pa
         with stage_run(stage, getattr(params, stage, None), params.profile) as mlrun:
             summary = run(params, root)
             summary["seconds"] = round(time.perf_counter() - started, 2)
+            summary.update(peak_memory())
             import mlflow
 
             mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
@@ -48,3 +49,22 @@ def main(stage: str, run: Callable[[Params, Path], dict], params_path: str = "pa
         raise SystemExit(2) from None
     print(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if k != "mlflow_run_id"))
     return summary
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak resident set (MiB; VmHWM, which starts afresh at exec, else ru_maxrss) and, when the
+    stage used CUDA, the peak GPU memory torch allocated."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out["peak_rss_mib"] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024
+        out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out

@@ -180,3 +180,25 @@ def test_concurrent_flow_writes_the_same_dvc_lock_as_a_serial_repro(prefect_api,
                             capture_output=True, text=True, check=True)
     assert json.loads(status.stdout) == {}
     shutil.rmtree(times)
+
+
+def test_a_lost_lock_race_is_retried_at_once_and_other_errors_are_not(monkeypatch, tmp_path):
+    import flows.pipeline as fp
+
+    busy = TransientStageError("b1", "a DVC lock is held by another process", "ERROR: Unable to acquire lock.")
+    calls = []
+
+    def flaky(stage, root, env, timeout_s, echo, errors=[busy, busy]):
+        calls.append(stage)
+        if errors:
+            raise errors.pop(0)
+        return "executed", 1.0
+
+    monkeypatch.setattr(fp, "execute_stage", flaky)
+    monkeypatch.setattr(fp.random, "uniform", lambda a, b: 0.0)
+    assert fp.execute_with_lock_retries("b1", tmp_path, {}, 10, lambda line: None, retries=3) == ("executed", 1.0)
+    assert len(calls) == 3
+    killed = TransientStageError("b1", "killed by a signal (exit -9)", "")
+    monkeypatch.setattr(fp, "execute_stage", lambda *a: (_ for _ in ()).throw(killed))
+    with pytest.raises(TransientStageError, match="killed"):
+        fp.execute_with_lock_retries("b1", tmp_path, {}, 10, lambda line: None, retries=3)

@@ -415,7 +415,7 @@ class RewardModel(nn.Module):
             dev = self.device
             out.append(
                 self(
-                    self.pixels(unique).to(dev, next(self.vision_model.parameters()).dtype),
+                    self.pixels(unique).to(dev),
                     tok["input_ids"].to(dev),
                     tok["attention_mask"].to(dev),
                     torch.tensor(index, device=dev),
