@@ -1,6 +1,9 @@
-"""Local test servers: a free loopback port, and waiting until a started server answers."""
+"""Local test servers: a free loopback port, waiting until a started server answers, stopping its process group."""
 
+import os
+import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -25,3 +28,15 @@ def wait_until_up(proc, url: str, log: Path, timeout: float = 120) -> None:
             pass
         assert time.monotonic() < deadline, f"{url} did not answer within {timeout} s"
         time.sleep(0.5)
+
+
+def stop(proc) -> None:
+    """End a server started with start_new_session=True: SIGTERM to its process group, SIGKILL after 20 s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

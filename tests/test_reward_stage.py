@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +18,8 @@ import pytest
 import torch
 from fixtures.pipeline_tables import write_params
 from fixtures.reward.tables import write_reward_tables
-from servers import free_port, wait_until_up
 from PIL import Image
+from servers import free_port, stop, wait_until_up
 from typer.testing import CliRunner
 
 from cyclepref import stage
@@ -187,13 +186,7 @@ def test_logged_pyfunc_serves_scores_over_http(zoo, mlflow_uri, tmp_path):
         bad = httpx.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["text"], "data": [["x"]]}})
         assert bad.status_code >= 400
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop(proc)
         log.close()
     assert torch.isfinite(torch.tensor(scores)).all()
 

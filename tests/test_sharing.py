@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from flow_projects import GIT, ROOT, command_project
-from servers import free_port, wait_until_up
 from PIL import Image
+from servers import free_port, stop, wait_until_up
 
 DVC = [sys.executable, "-m", "dvc"]
 STAGES = {
@@ -96,12 +95,7 @@ def server(tmp_path):
         wait_until_up(proc, f"{url}/health", home / "server.log")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop(proc)
         log.close()
 
 
