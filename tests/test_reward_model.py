@@ -305,3 +305,17 @@ def test_dropout_and_drop_path_act_in_training_only_and_leave_eval_scores_unchan
     assert not torch.equal(a, b)
     loaded.eval()
     torch.testing.assert_close(loaded.score(images, texts), plain.score(images, texts), atol=0, rtol=0)
+
+
+def test_a_saved_model_does_not_record_how_it_was_loaded(model, tmp_path):
+    """transformers writes `local_files_only` (HF_HUB_OFFLINE, set for tests) into a saved tokenizer config; a saved
+    reward model must not depend on that environment setting."""
+    import json
+
+    saved = model.save_pretrained(tmp_path / "rm")
+    configs = {p.name: json.loads(p.read_text()) for p in saved.glob("*_config.json")}
+    assert "tokenizer_config.json" in configs
+    assert not [name for name, cfg in configs.items() if "local_files_only" in cfg]
+    loaded = RewardModel.from_pretrained(saved)
+    image = Image.new("RGB", (32, 32), "red")
+    torch.testing.assert_close(loaded.score([image], ["a red square"]), model.score([image], ["a red square"]))

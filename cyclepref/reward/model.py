@@ -52,6 +52,18 @@ def head_widths_for(text_hidden: int, widths: Sequence[int] | None) -> list[int]
     return [max(8, round(w * text_hidden / PAPER_TEXT_WIDTH)) for w in PAPER_HEAD]
 
 
+LOAD_OPTIONS = ("local_files_only",)
+
+
+def drop_load_options(model_dir: Path) -> None:
+    """Remove the options of the load that transformers writes back into a saved tokenizer config
+    (`local_files_only` follows HF_HUB_OFFLINE), so that the saved model does not depend on the environment."""
+    for path in model_dir.glob("*_config.json"):
+        cfg = json.loads(path.read_text())
+        if any(k in cfg for k in LOAD_OPTIONS):
+            path.write_text(json.dumps({k: v for k, v in cfg.items() if k not in LOAD_OPTIONS}, indent=2) + "\n")
+
+
 class RewardHead(nn.Module):
     """in -> widths... -> 1 with GELU between layers; `layers` indices match the authors' `mlp.layers`."""
 
@@ -313,6 +325,7 @@ class RewardModel(nn.Module):
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
             self.processor.save_pretrained(str(tmp))
+            drop_load_options(tmp)
             (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
         return path
 
