@@ -54,14 +54,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def follow_umask(root: Path) -> None:
+    """Give every file and directory under `root` the mode open() / mkdir would (0666 / 0777 minus the umask, execute
+    bits kept): libraries that write through their own temporary files (safetensors, peft) leave them owner-only."""
+    mask = umask()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(Path(dirpath, name), 0o777 & ~mask)
+        for name in filenames:
+            file = Path(dirpath, name)
+            if not file.is_symlink():
+                executable = os.stat(file).st_mode & 0o111
+                os.chmod(file, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary directory beside `path`; on success its tree gets the umask's modes and replaces `path`; on
+    error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(path)
     try:
         yield tmp
+        follow_umask(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

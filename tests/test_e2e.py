@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cyclepref import store
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -72,6 +74,10 @@ def test_dvc_repro_runs_every_stage_then_nothing(project):
     assert ran == expected - committed
     assert "generate_i2t: candidates=12, computed=12" in first.stdout
     assert "prepare_inputs: inputs=4" in first.stdout
+    readable = 0o444 & ~store.umask()
+    narrower = [p for top in ("data", "reports", "mlruns") for p in (dest / top).rglob("*")
+                if p.exists() and p.stat().st_mode & readable != readable]
+    assert narrower == []
     second = _run([sys.executable, "-m", "dvc", "repro"], dest, env)
     assert "Data and pipelines are up to date" in second.stdout
     assert "Running stage" not in second.stdout

@@ -38,3 +38,17 @@ def test_atomic_files_and_directories_follow_the_umask(tmp_path, mask):
 def test_temporary_names_follow_the_umask(tmp_path, mask):
     assert mode(store.temp_file(tmp_path / "x")) == 0o666 & ~mask
     assert mode(store.temp_dir(tmp_path / "d")) == 0o777 & ~mask
+
+
+def test_files_written_owner_only_by_a_library_get_the_umask_modes(tmp_path, mask):
+    import torch
+    from safetensors.torch import save_file
+
+    with store.atomic_dir(tmp_path / "model") as out:
+        save_file({"w": torch.zeros(2)}, str(out / "model.safetensors"))
+        (out / "sub").mkdir(mode=0o700)
+        (out / "sub" / "run.sh").write_text("#!/bin/sh\n")
+        os.chmod(out / "sub" / "run.sh", 0o700)
+    assert mode(tmp_path / "model" / "model.safetensors") == 0o666 & ~mask
+    assert mode(tmp_path / "model" / "sub") == 0o777 & ~mask
+    assert mode(tmp_path / "model" / "sub" / "run.sh") == 0o777 & ~mask
