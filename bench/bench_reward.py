@@ -55,7 +55,8 @@ def run(backbone: str | None = None, pairs: int = 64, batch_size: int = 32, repe
 
             backbone = str(zoo.build("blip_itm", Path(tmp), seed=0, image_size=32))
         model = runtime.place(RewardModel.from_backbone(backbone), "blip_itm", device, ("head",)).eval()
-    size = model.processor.image_processor.size["height"]
+    processor = model.processor.image_processor
+    size = (getattr(processor, "crop_size", None) or processor.size)["height"]
     results = {}
     for kind in ("distinct", "shared"):
         images, texts = workload(kind, pairs, size)

@@ -5,6 +5,11 @@ sizes it: an arm is called `inner` times per sample so that a sample lasts at le
 rounds in which the arms run back to back, the order reversed every round (A B, B A, ...), so that a load change
 hits every arm. A ratio is computed per round from the two arms' samples of that round, and reported as its
 median, min, max and spread (max - min); the machine's load average is recorded before and after.
+
+Rounds of one process share its state (memory layout, which core it got, a neighbour's load at that minute), so
+their spread understates how far a second run can land. `pool(blocks)` merges the same comparison measured in
+several processes at different times: the interval it reports is over every round of every process, and the
+per-process medians are kept beside it.
 """
 
 from __future__ import annotations
@@ -113,12 +118,49 @@ def compare(arms: dict[str, Callable[[], object]], ratio: tuple[str, str], repea
         "calls_per_sample": inner,
         "repeats": repeats,
         "ratio": {"of": f"{slow} / {fast}", **summary(ratios, 3)},
+        "samples": {name: [round(x, 6) for x in v] for name, v in samples.items()},
+        "rounds": [round(x, 4) for x in ratios],
         "load_average_before": load_before,
         "load_average_after": load_average(),
     }
     if memory:
         out["peak_rss_mib"] = peaks
     return out
+
+
+def pool(blocks: list[dict]) -> dict:
+    """One comparison measured by `compare` in several processes, as one block: seconds per call and the ratio over
+    every round of every process, each process's ratio median (`process_medians`) and its calls per sample; other
+    keys (peak memory, a benchmark's own extras) as the first process measured them."""
+    first = blocks[0]
+    samples = {name: [x for b in blocks for x in b["samples"][name]] for name in first["samples"]}
+    rounds = [x for b in blocks for x in b["rounds"]]
+    return first | {
+        "seconds_per_call": {name: summary(v, 5) for name, v in samples.items()},
+        "calls_per_sample": [b["calls_per_sample"] for b in blocks],
+        "repeats": sum(b["repeats"] for b in blocks),
+        "processes": len(blocks),
+        "ratio": {"of": first["ratio"]["of"], **summary(rounds, 3),
+                  "process_medians": [b["ratio"]["median"] for b in blocks]},
+        "samples": samples,
+        "rounds": rounds,
+        "load_average_before": [b["load_average_before"] for b in blocks],
+        "load_average_after": [b["load_average_after"] for b in blocks],
+    }
+
+
+def pool_trees(trees: list[dict]) -> dict:
+    """Merge result trees of the same benchmark from several processes: every `compare` block pooled, any other
+    value taken from the first tree."""
+    merged = {}
+    for key, value in trees[0].items():
+        if isinstance(value, dict) and "rounds" in value and "ratio" in value:
+            merged[key] = pool([t[key] for t in trees])
+        elif isinstance(value, dict):
+            merged[key] = pool_trees([t[key] for t in trees])
+        else:
+            merged[key] = value
+    return merged
 
 
 def agree(first: dict, second: dict) -> bool:

@@ -1,10 +1,12 @@
 """`make bench`: every CPU benchmark once, written to bench/results.json and bench/RESULTS.md.
 
-Torch runs one thread (CYCLEPREF_BENCH_THREADS, default 1): on a shared 2-core machine two OpenMP threads that
+Each comparison benchmark (cycle, reward, pairs) runs in `--processes` fresh interpreters, in passes spread over the
+run (cycle, reward, pairs, cycle, reward, pairs, ...), and its rounds are pooled (harness.pool): one process alone
+agreed with itself but not with the next run. Torch runs one thread (CYCLEPREF_BENCH_THREADS, default 1): on a shared 2-core machine two OpenMP threads that
 lose their core to another process stall each other, and that, not batching, made earlier single-sample ratios
 swing by x3. The ratios of the previous results.json are compared with this run's: two runs agree on a ratio when
 each run's median lies within the other's [min, max].
-    python bench/run_all.py [--repeats 7] [--out bench/results.json]
+    python bench/run_all.py [--processes 3] [--repeats 4] [--out bench/results.json]
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +32,33 @@ for _name, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKEN
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import harness  # noqa: E402
+
+POOLED = ("cycle", "reward", "pairs")
+
+
+def worker(name: str, repeats: int, out: Path) -> None:
+    """One comparison benchmark in this process, its result tree written to `out`."""
+    import importlib
+
+    import torch
+
+    torch.set_num_threads(int(THREADS))
+    result = importlib.import_module(f"bench_{name}").run(repeats=repeats)
+    out.write_text(json.dumps(result) + "\n")
+
+
+def pooled_benchmarks(processes: int, repeats: int) -> dict:
+    """Every comparison benchmark in `processes` fresh interpreters, passes interleaved in time, rounds pooled."""
+    trees: dict[str, list[dict]] = {name: [] for name in POOLED}
+    with tempfile.TemporaryDirectory(prefix="cyclepref-bench-") as tmp:
+        for index in range(processes):
+            for name in POOLED:
+                out = Path(tmp) / f"{name}-{index}.json"
+                print(f"--- {name}, process {index + 1} of {processes}", flush=True)
+                subprocess.run([sys.executable, __file__, "--worker", name, "--repeats", str(repeats),
+                                "--out", str(out)], check=True)
+                trees[name].append(json.loads(out.read_text()))
+    return {name: harness.pool_trees(found) for name, found in trees.items()}
 
 
 def compare_with(previous: dict | None, current: dict) -> dict:
@@ -55,19 +86,22 @@ def markdown(report: dict) -> str:
         "Each ratio: the two arms run side by side in one process after a warm-up, in alternating order, each sample "
         "at least 1 s (`calls` per sample); ratio per round, median [min, max] over the rounds. Written by "
         "`bench/run_all.py`; the JSON beside this file has every number.",
+        f"Each benchmark ran in {report['processes']} fresh processes at different times of the run, "
+        f"{report['repeats']} rounds each; median, min and max are over all their rounds, and the medians of the "
+        "processes are listed beside them.",
         "",
-        "| benchmark | ratio | median | min | max | s/call (fast arm, median) | calls per sample (slow / fast) "
-        "| load before |",
+        "| benchmark | ratio | median | min | max | process medians | s/call (fast arm, median) | "
+        "calls per sample (slow / fast, first process) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for path, block in _ratio_blocks(report["benchmarks"]):
         r = block["ratio"]
         fast = r["of"].split(" / ")[1]
+        calls = block["calls_per_sample"][0]
         lines.append(
             f"| {path} | {r['of']} | **x{r['median']}** | {r['min']} | {r['max']} | "
-            f"{block['seconds_per_call'][fast]['median']} | "
-            f"{' / '.join(str(block['calls_per_sample'][a]) for a in r['of'].split(' / '))} | "
-            f"{block['load_average_before'][0]} |"
+            f"{', '.join(str(m) for m in r['process_medians'])} | {block['seconds_per_call'][fast]['median']} | "
+            f"{' / '.join(str(calls[a]) for a in r['of'].split(' / '))} |"
         )
     lines += ["", "## Peak memory (resident set, MiB) of each cycle stage's warm-up call", "",
               "| stage | arm | RSS before (models loaded) | peak | added |", "|---|---|---|---|---|"]
@@ -128,24 +162,23 @@ def _overhead_lines(o: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--processes", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4, help="rounds per process")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results.json")
+    parser.add_argument("--worker", choices=POOLED, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.repeats, args.out)
     import torch
 
     torch.set_num_threads(int(THREADS))
-    import bench_cycle
     import bench_overhead
-    import bench_pairs
-    import bench_reward
 
     previous = json.loads(args.out.read_text()) if args.out.exists() else None
     started = time.perf_counter()
     report = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": harness.machine(),
-              "benchmarks": {}}
-    report["benchmarks"]["cycle"] = bench_cycle.run(repeats=args.repeats)
-    report["benchmarks"]["reward"] = bench_reward.run(repeats=args.repeats)
-    report["benchmarks"]["pairs"] = bench_pairs.run(repeats=args.repeats)
+              "processes": args.processes, "repeats": args.repeats}
+    report["benchmarks"] = pooled_benchmarks(args.processes, args.repeats)
     report["benchmarks"]["overhead"] = bench_overhead.run(repeats=3)
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["load_average_end"] = harness.load_average()

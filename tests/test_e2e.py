@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from cyclepref import store
+from cyclepref.atomic import follow_umask
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -45,6 +46,7 @@ def project(tmp_path_factory, _mlflow_template) -> tuple[Path, dict]:
             continue
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, dest / f)
+    follow_umask(dest)
     for generated in ("reports/sandbox.json", "reports/sandbox.md", "reports/reward/eval.json"):
         (dest / generated).unlink(missing_ok=True)
     params = shrink(yaml.safe_load((dest / "configs/tiny.yaml").read_text()))

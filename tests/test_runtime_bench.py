@@ -29,6 +29,8 @@ def test_arms_alternate_and_each_sample_is_long_enough():
     assert 2.5 < r["ratio"]["median"] < 5.5
     assert r["ratio"]["min"] <= r["ratio"]["median"] <= r["ratio"]["max"]
     assert len(r["load_average_before"]) == 3
+    assert len(r["rounds"]) == 4 and len(r["samples"]["fast"]) == 4
+    assert r["ratio"]["median"] == round(harness.statistics.median(r["rounds"]), 3)
 
 
 def test_agreement_needs_each_median_inside_the_other_range():
@@ -40,6 +42,28 @@ def test_agreement_needs_each_median_inside_the_other_range():
     assert set(harness.ratios(tree)) == {"cycle.stages.x", "pairs"}
 
 
+def test_pooling_processes_widens_the_interval_to_every_round_and_keeps_each_process_median():
+    def block(slow, fast):
+        rounds = [s / f for s, f in zip(slow, fast, strict=True)]
+        return {"samples": {"slow": slow, "fast": fast}, "rounds": rounds, "repeats": len(rounds),
+                "calls_per_sample": {"slow": 1, "fast": 4}, "ratio": {"of": "slow / fast", **harness.summary(rounds)},
+                "load_average_before": [1.0, 1.0, 1.0], "load_average_after": [1.0, 1.0, 1.0]}
+
+    first, second = block([4.0, 4.2, 4.1], [1.0, 1.0, 1.0]), block([5.0, 5.2, 5.1], [1.0, 1.0, 1.0])
+    assert not harness.agree(first["ratio"], second["ratio"])
+    tree = harness.pool_trees([{"what": "a", "stages": {"x": first}}, {"what": "b", "stages": {"x": second}}])
+    assert tree["what"] == "a"
+    pooled = tree["stages"]["x"]
+    assert pooled["processes"] == 2 and pooled["repeats"] == 6
+    assert pooled["ratio"]["process_medians"] == [4.1, 5.1]
+    assert (pooled["ratio"]["min"], pooled["ratio"]["max"]) == (4.0, 5.2)
+    assert pooled["ratio"]["median"] == 4.6
+    assert pooled["seconds_per_call"]["slow"]["median"] == 4.6
+    assert pooled["calls_per_sample"] == [{"slow": 1, "fast": 4}] * 2
+    assert harness.agree(pooled["ratio"], first["ratio"]) is False
+    assert harness.agree(pooled["ratio"], {"median": 4.5, "min": 4.0, "max": 5.0})
+
+
 def test_stage_peak_memory_sees_a_large_allocation():
     from cyclepref.stage import peak_memory
 
@@ -48,3 +72,17 @@ def test_stage_peak_memory_sees_a_large_allocation():
     block[:: 4096] = b"x" * len(block[:: 4096])
     after = peak_memory()["peak_rss_mib"]
     assert after - before > 250, (before, after)
+
+
+def test_each_cpu_benchmark_runs_small_and_its_processes_pool(tmp_path):
+    import bench_pairs
+    import bench_reward
+
+    runs = [bench_reward.run(pairs=4, batch_size=2, repeats=2, min_s=0.01, echo=lambda _: None) for _ in range(2)]
+    pooled = harness.pool_trees(runs)
+    for kind in ("distinct", "shared"):
+        block = pooled["workloads"][kind]
+        assert block["processes"] == 2 and len(block["rounds"]) == 4
+        assert block["max_abs_diff"] <= 1e-4 and block["ratio"]["median"] > 0
+    pairs = bench_pairs.run(n_inputs=20, repeats=1, min_s=0.01, echo=lambda _: None)
+    assert set(harness.ratios(pairs)) == {"tasks.i2t", "tasks.t2i"}
