@@ -3,8 +3,9 @@
 `compare(arms)` times two or more ways of doing the same work in one process: one warm-up call per arm (which also
 sizes it: an arm is called `inner` times per sample so that a sample lasts at least `min_s` seconds), then `repeats`
 rounds in which the arms run back to back, the order reversed every round (A B, B A, ...), so that a load change
-hits every arm. A ratio is computed per round from the two arms' samples of that round, and reported as its
-median, min, max and spread (max - min); the machine's load average is recorded before and after.
+hits every arm; garbage is collected before every sample, so that no arm pays for the other's. A ratio is computed
+per round from the two arms' samples of that round, and reported as its median, min, max and spread (max - min);
+the machine's load average is recorded before and after.
 
 Rounds of one process share its state (memory layout, which core it got, a neighbour's load at that minute), so
 their spread understates how far a second run can land. `pool(blocks)` merges the same comparison measured in
@@ -14,6 +15,7 @@ per-process medians are kept beside it.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import platform
@@ -75,6 +77,7 @@ def rss_mib(field: str = "VmRSS") -> float | None:
 
 
 def _timed(fn: Callable[[], object], inner: int) -> float:
+    gc.collect()
     started = time.perf_counter()
     for _ in range(inner):
         fn()

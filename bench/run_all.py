@@ -6,7 +6,7 @@ agreed with itself but not with the next run. Torch runs one thread (CYCLEPREF_B
 lose their core to another process stall each other, and that, not batching, made earlier single-sample ratios
 swing by x3. The ratios of the previous results.json are compared with this run's: two runs agree on a ratio when
 each run's median lies within the other's [min, max].
-    python bench/run_all.py [--processes 3] [--repeats 4] [--out bench/results.json]
+    python bench/run_all.py [--processes 5] [--repeats 3] [--out bench/results.json]
 """
 
 from __future__ import annotations
@@ -162,8 +162,8 @@ def _overhead_lines(o: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--processes", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=4, help="rounds per process")
+    parser.add_argument("--processes", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per process")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results.json")
     parser.add_argument("--worker", choices=POOLED, help=argparse.SUPPRESS)
     args = parser.parse_args()
