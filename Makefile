@@ -1,7 +1,7 @@
 # `make run`: create .venv, install, reproduce the pipeline on the active profile (params.yaml) with MLflow lineage
 #             (`cyclepref repro` = `dvc repro` + a parent run), then register the reward model it trained.
 # `make test`: create .venv, install, run the tests.
-# `make bench`: every CPU benchmark, three processes each (about 9 minutes) -> bench/results.json, bench/RESULTS.md.
+# `make bench`: every CPU benchmark, five processes each (about 10 minutes) -> bench/results.json, bench/RESULTS.md.
 # `make clean`: remove the pipeline's outputs and work store, keeping the MLflow registry (mlflow.db, mlruns/).
 # `make clean-all`: `make clean`, and the MLflow registry with its runs, models and aliases.
 SHELL := /bin/bash

@@ -56,16 +56,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def follow_umask(root: Path) -> None:
     """Give every file and directory under `root` the mode open() / mkdir would (0666 / 0777 minus the umask, execute
-    bits kept): libraries that write through their own temporary files (safetensors, peft) leave them owner-only."""
+    bits kept; symbolic links and what they point to untouched): libraries that write through their own temporary
+    files (safetensors, peft) leave them owner-only."""
     mask = umask()
     for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            os.chmod(Path(dirpath, name), 0o777 & ~mask)
-        for name in filenames:
-            file = Path(dirpath, name)
-            if not file.is_symlink():
-                executable = os.stat(file).st_mode & 0o111
-                os.chmod(file, (0o777 if executable else 0o666) & ~mask)
+        for entry in (Path(dirpath, name) for name in dirnames + filenames):
+            if entry.is_symlink():
+                continue
+            full = entry.is_dir() or os.stat(entry).st_mode & 0o111
+            os.chmod(entry, (0o777 if full else 0o666) & ~mask)
 
 
 @contextmanager

@@ -49,6 +49,10 @@ def test_files_written_owner_only_by_a_library_get_the_umask_modes(tmp_path, mas
         (out / "sub").mkdir(mode=0o700)
         (out / "sub" / "run.sh").write_text("#!/bin/sh\n")
         os.chmod(out / "sub" / "run.sh", 0o700)
+        outside = tmp_path / "outside"
+        outside.mkdir(mode=0o700)
+        (out / "link").symlink_to(outside)
     assert mode(tmp_path / "model" / "model.safetensors") == 0o666 & ~mask
     assert mode(tmp_path / "model" / "sub") == 0o777 & ~mask
     assert mode(tmp_path / "model" / "sub" / "run.sh") == 0o777 & ~mask
+    assert mode(tmp_path / "outside") == 0o700
