@@ -1,11 +1,11 @@
-"""`make bench`: every CPU benchmark once, written to bench/results.json and bench/RESULTS.md.
+"""`make bench`: every CPU benchmark, written to bench/results.json and bench/RESULTS.md.
 
 Each comparison benchmark (cycle, reward, pairs) runs in `--processes` fresh interpreters, in passes spread over the
 run (cycle, reward, pairs, cycle, reward, pairs, ...), and its rounds are pooled (harness.pool): one process alone
-agreed with itself but not with the next run. Torch runs one thread (CYCLEPREF_BENCH_THREADS, default 1): on a shared 2-core machine two OpenMP threads that
-lose their core to another process stall each other, and that, not batching, made earlier single-sample ratios
-swing by x3. The ratios of the previous results.json are compared with this run's: two runs agree on a ratio when
-each run's median lies within the other's [min, max].
+agreed with itself but not with the next run. Torch runs one thread (CYCLEPREF_BENCH_THREADS, default 1): on a
+shared 2-core machine two OpenMP threads that lose their core to another process stall each other, and that, not
+batching, made earlier single-sample ratios swing by x3. The ratios of the previous results.json are compared with
+this run's: two runs agree on a ratio when each run's median lies within the other's [min, max].
     python bench/run_all.py [--processes 5] [--repeats 3] [--out bench/results.json]
 """
 
