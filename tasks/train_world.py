@@ -2,7 +2,8 @@
 
 model: captioner (LLaVA ladder), clip (open_clip), t2i (Stable Diffusion ladder), blip (BLIP ITM backbone).
 The weights are small and committed as non-cached DVC outputs, so `make run` reuses them; the loss curve goes to
-reports/world/train_<model>.json.
+reports/world/train_<model>.json. The judges (clip, blip) are trained once per kind of text in `texts`: dense captions
+into data/world/models/<model>/, web-like alt-text (cyclepref.world.alttext) into data/world/models/<model>/alt/.
 
 The frame is deliberately small: params come from `world.train` alone (cyclepref/world/params.py) and the stage
 logs no MLflow run of its own (lineage records it), so its DVC dependencies are exactly what decides the weights
@@ -23,15 +24,23 @@ from cyclepref.world.params import load_training
 MODELS = ("captioner", "clip", "t2i", "blip")
 DYNAMIC_IMPORTS = "cyclepref.world.train_{item}"
 OUT = Path("data/world/models")
+ALT = "alt"
 REPORT = Path("reports/world")
 
 
 def _train(model: str, cfg, seed: int, out: Path) -> dict[str, list[float]]:
+    """Train `model` into out/; a judge (clip, blip) trained on alt-text goes to out/alt/."""
     trainer = importlib.import_module(DYNAMIC_IMPORTS.format(item=model))
     kw = dict(seed=seed, n_scenes=cfg.scenes, batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.steps)
     if model == "t2i":
         return trainer.train(out, vae_steps=cfg.vae_steps, vae_lr=cfg.vae_lr, **kw)
-    return {model: trainer.train(out, **kw)}
+    if model == "captioner":
+        return {model: trainer.train(out, **kw)}
+    curves = {}
+    for texts in cfg.texts:
+        name, where = (model, out) if texts == "dense" else (f"{model}-alt", out / ALT)
+        curves[name] = trainer.train(where, texts=texts, **kw)
+    return curves
 
 
 def curve_summary(losses: list[float], window: int = 50) -> dict:

@@ -93,3 +93,33 @@ def test_renders_are_the_world_size_and_objects_centred_on_whole_pixels():
     px = img.load()
     assert px[IMAGE_SIZE * 3 // 4, IMAGE_SIZE // 4] == COLOURS["green"]
     assert px[IMAGE_SIZE // 4, IMAGE_SIZE // 4] == (255, 255, 255)
+
+
+def test_alt_text_is_partial_order_free_and_sometimes_wrong_at_the_stated_rates():
+    import random
+
+    from cyclepref.world.alttext import ALT_TEXT, OFF_TOPIC, alt_text
+    from cyclepref.world.data import scenes
+    from cyclepref.world.parse import parse_caption
+    from cyclepref.world.scene import caption
+
+    rng = random.Random(0)
+    world = [s for s in scenes("train", 3000, 0) if len(s) == 3]
+    named = sizes = positions = off = 0
+    for s in world:
+        text = alt_text(s, rng)
+        objects = parse_caption(text)
+        if text.rstrip(".") in OFF_TOPIC:
+            off += 1
+            continue
+        assert 1 <= len(objects) <= 3 and text != caption(s)
+        named += len(objects)
+        sizes += sum(o["size"] is not None for o in objects)
+        positions += sum(o["position"] is not None for o in objects)
+    n = len(world) - off
+    assert off / len(world) == pytest.approx(ALT_TEXT.off_topic, abs=0.02)
+    # three objects each named with p = mention, at least one always: 3p + (1-p)^3
+    p = ALT_TEXT.mention
+    assert named / n == pytest.approx(3 * p + (1 - p) ** 3, abs=0.06)
+    assert sizes / named == pytest.approx(1 - ALT_TEXT.drop_size, abs=0.04)
+    assert positions / named == pytest.approx(1 - ALT_TEXT.drop_position, abs=0.04)

@@ -8,6 +8,7 @@ section never retrains the world models. cyclepref/config.py includes it in the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
@@ -48,6 +49,10 @@ class WorldOneModelTraining(WorldModelTraining):
     """A model saved once, after `steps` (the CLIP; the BLIP ITM backbone of the reward model)."""
 
     steps: int = Field(gt=0)
+    texts: list[Literal["dense", "alt"]] = Field(
+        default_factory=lambda: ["dense"], min_length=1,
+        description="One model per kind of training text: dense (captions and paraphrases) into <model>/, alt "
+        "(web-like alt-text, cyclepref.world.alttext) into <model>-alt/.")
 
 
 class WorldTraining(Section):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cyclepref.models import tokenizers as tk
 from cyclepref.models.formats import CLIP_MEAN, CLIP_STD
+from cyclepref.world.alttext import alt_text_examples
 from cyclepref.world.data import training_examples, zero_unused_rows
+from cyclepref.world.optimise import optimise
 from cyclepref.world.scene import IMAGE_SIZE
 
 MAX_LENGTH = 64
@@ -49,19 +50,18 @@ def itc_loss(model, pixels, ids, mask) -> torch.Tensor:
     return (F.cross_entropy(sim / ITC_TEMPERATURE, target) + F.cross_entropy(sim.T / ITC_TEMPERATURE, target)) / 2
 
 
-def train(out: Path, steps: int, seed: int, n_scenes: int, batch_size: int, lr: float, log=print) -> list[float]:
+def train(out: Path, steps: int, seed: int, n_scenes: int, batch_size: int, lr: float, log=print,
+          texts: str = "dense") -> list[float]:
     """ITC + ITM: each image with its own text (ITM label 1) and with a shifted in-batch text (label 0)."""
-    examples = list(training_examples(n_scenes, seed))
+    examples = list(training_examples(n_scenes, seed) if texts == "dense" else alt_text_examples(n_scenes, seed))
     model, processor = build(seed)
     pixels = processor.image_processor([e[0] for e in examples], return_tensors="pt")["pixel_values"]
     texts = [processor.tokenizer([e[k] for e in examples], padding="max_length", max_length=MAX_LENGTH,
                                  truncation=True, return_tensors="pt") for k in (1, 2)]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     gen = torch.Generator().manual_seed(seed)
-    losses = []
     model.train()
-    for step in range(1, steps + 1):
+
+    def step_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(examples), (batch_size,), generator=gen)
         which = int(torch.randint(0, 2, (1,), generator=gen))
         shift = int(torch.randint(1, batch_size, (1,), generator=gen))
@@ -72,14 +72,9 @@ def train(out: Path, steps: int, seed: int, n_scenes: int, batch_size: int, lr: 
         logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels[idx].repeat(2, 1, 1, 1),
                        use_itm_head=True).itm_score
         labels = torch.cat([torch.ones(batch_size), torch.zeros(batch_size)]).long()
-        loss = F.cross_entropy(logits, labels) + itc_loss(model, pixels[idx], ids[:batch_size], mask[:batch_size])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            log(f"blip step {step}: loss {np.mean(losses[-50:]):.4f}")
+        return F.cross_entropy(logits, labels) + itc_loss(model, pixels[idx], ids[:batch_size], mask[:batch_size])
+
+    losses = optimise(model.parameters(), steps, lr, step_loss, "blip", log, weight_decay=0.01)
     model.eval()
     zero_unused_rows(model.text_encoder.get_input_embeddings(),
                      torch.cat([t["input_ids"] for t in texts]).flatten().tolist())

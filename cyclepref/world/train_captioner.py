@@ -14,6 +14,7 @@ import torch
 from cyclepref.models import tokenizers as tk
 from cyclepref.models.formats import CLIP_MEAN, CLIP_STD, DETAILED, LLAVA_CHAT_TEMPLATE
 from cyclepref.world.data import training_examples
+from cyclepref.world.optimise import optimise
 from cyclepref.world.scene import IMAGE_SIZE, POSITION_SYNONYMS, SIZE_SYNONYMS, TEMPLATES
 
 PATCH = 8
@@ -78,26 +79,19 @@ def train(out: Path, steps: list[int], seed: int, n_scenes: int, batch_size: int
     model, processor = build(captions, seed)
     data = encode(processor, images, captions)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in range(1, max(steps) + 1):
+
+    def step_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
         batch = {k: v[idx] for k, v in data.items()}
         keep = batch["attention_mask"].sum(0) > 0
-        batch = {k: (v[:, keep] if v.dim() == 2 else v) for k, v in batch.items()}
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            log(f"captioner step {step}: loss {sum(losses[-50:]) / 50:.4f}")
+        return model(**{k: (v[:, keep] if v.dim() == 2 else v) for k, v in batch.items()}).loss
+
+    def save(step: int) -> None:
         if step in steps:
             model.eval()
             model.save_pretrained(out / f"step-{step}")
             processor.save_pretrained(out / f"step-{step}")
             model.train()
-    return losses
+
+    return optimise(model.parameters(), max(steps), lr, step_loss, "captioner", log, after_step=save)

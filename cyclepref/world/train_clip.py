@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from cyclepref.models.formats import CLIP_MEAN, CLIP_STD
+from cyclepref.world.alttext import alt_text_examples
 from cyclepref.world.data import training_examples, zero_unused_rows
+from cyclepref.world.optimise import optimise
 from cyclepref.world.scene import IMAGE_SIZE
 
 CONFIG = {
@@ -34,10 +36,11 @@ def save(model, out: Path) -> None:
               out / "open_clip_model.safetensors")
 
 
-def train(out: Path, steps: int, seed: int, n_scenes: int, batch_size: int, lr: float, log=print) -> list[float]:
+def train(out: Path, steps: int, seed: int, n_scenes: int, batch_size: int, lr: float, log=print,
+          texts: str = "dense") -> list[float]:
     import open_clip
 
-    examples = list(training_examples(n_scenes, seed))
+    examples = list(training_examples(n_scenes, seed) if texts == "dense" else alt_text_examples(n_scenes, seed))
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(**json.loads(json.dumps(CONFIG)))
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
@@ -45,12 +48,10 @@ def train(out: Path, steps: int, seed: int, n_scenes: int, batch_size: int, lr: 
     pixels = torch.from_numpy(np.stack([np.asarray(e[0]) for e in examples])).permute(0, 3, 1, 2).float() / 255
     pixels = (pixels - mean) / std
     texts = [tokenizer([e[1] for e in examples]), tokenizer([e[2] for e in examples])]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     gen = torch.Generator().manual_seed(seed)
-    losses = []
     model.train()
-    for step in range(1, steps + 1):
+
+    def step_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(examples), (batch_size,), generator=gen)
         which = torch.randint(0, 2, (batch_size,), generator=gen)
         tokens = torch.where(which[:, None] == 0, texts[0][idx], texts[1][idx])
@@ -58,16 +59,14 @@ def train(out: Path, steps: int, seed: int, n_scenes: int, batch_size: int, lr: 
         txt = F.normalize(model.encode_text(tokens), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T
         target = torch.arange(batch_size)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    def clamp_temperature(step: int) -> None:
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
-        losses.append(loss.item())
-        if step % 50 == 0:
-            log(f"clip step {step}: loss {sum(losses[-50:]) / 50:.4f}")
+
+    losses = optimise(model.parameters(), steps, lr, step_loss, "clip", log, weight_decay=0.1,
+                      after_step=clamp_temperature)
     model.eval()
     zero_unused_rows(model.token_embedding, torch.cat(texts).flatten().tolist())
     save(model, out)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from cyclepref.models import tokenizers as tk
 from cyclepref.world.data import training_examples, zero_unused_rows
+from cyclepref.world.optimise import optimise
 from cyclepref.world.scene import IMAGE_SIZE
 
 PROMPT_DROPOUT = 0.1
@@ -50,20 +51,15 @@ def _pixels(images) -> torch.Tensor:
 
 
 def train_vae(vae, pixels: torch.Tensor, steps: int, batch_size: int, lr: float, gen, log) -> list[float]:
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
     vae.train()
-    for step in range(1, steps + 1):
+
+    def step_loss(step: int) -> torch.Tensor:
         x = pixels[torch.randint(0, len(pixels), (batch_size,), generator=gen)]
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        loss = F.mse_loss(vae.decode(z).sample, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            log(f"vae step {step}: loss {sum(losses[-50:]) / 50:.5f}")
+        return F.mse_loss(vae.decode(z).sample, x) + 1e-6 * posterior.kl().mean()
+
+    losses = optimise(vae.parameters(), steps, lr, step_loss, "vae", log, warmup=None)
     vae.eval()
     with torch.no_grad():
         std = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, 1024, 256)]).std()
@@ -97,13 +93,10 @@ def train(out: Path, vae_steps: int, steps: list[int], seed: int, n_scenes: int,
     ids = [tokenizer([e[k] for e in examples], padding="max_length", max_length=77, truncation=True,
                      return_tensors="pt").input_ids for k in (1, 2)]
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
     unet.train()
     text_encoder.train()
-    losses = []
-    for step in range(1, max(steps) + 1):
+
+    def step_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(examples), (batch_size,), generator=gen)
         which = torch.randint(0, 2, (batch_size,), generator=gen)
         tokens = torch.where(which[:, None] == 0, ids[0][idx], ids[1][idx])
@@ -113,22 +106,19 @@ def train(out: Path, vae_steps: int, steps: list[int], seed: int, n_scenes: int,
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text_encoder(tokens)[0]).sample
-        loss = F.mse_loss(pred, scheduler.get_velocity(x0, noise, t))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            log(f"t2i step {step}: loss {sum(losses[-50:]) / 50:.4f}")
+        return F.mse_loss(pred, scheduler.get_velocity(x0, noise, t))
+
+    def save(step: int) -> None:
         if step in steps:
             zero_unused_rows(text_encoder.get_input_embeddings(), [*ids[0].flatten().tolist(),
-                                                                                  *ids[1].flatten().tolist(),
-                                                                                  *empty.flatten().tolist()])
+                                                                  *ids[1].flatten().tolist(),
+                                                                  *empty.flatten().tolist()])
             unet.eval()
             text_encoder.eval()
             save_pipeline(out / f"step-{step}", vae, text_encoder, unet, scheduler, tokenizer)
             unet.train()
             text_encoder.train()
+
+    losses = optimise([*unet.parameters(), *text_encoder.parameters()], max(steps), lr, step_loss, "t2i", log,
+                      warmup=100, max_grad_norm=1.0, after_step=save)
     return {"vae": vae_losses, "t2i": losses}
