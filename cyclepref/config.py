@@ -58,6 +58,7 @@ class CaptionerSpec(ModelRef):
 
 
 T2IFamily = Literal["sd", "sdxl", "sd3", "flux"]
+PolicyPairs = Literal["all", "beats_policy"]
 
 
 class T2ISpec(ModelRef):
@@ -454,14 +455,29 @@ class RewardBenchmark(Section):
     path: str = Field(min_length=1, description="Pairs jsonl in the pair format of cyclepref.reward.benchmarks.")
 
 
+class RewardBaseline(Section):
+    """A zero-shot scorer reported beside the reward models: an open_clip model's CLIPScore (`clip`), or a BLIP ITM
+    checkpoint's matching head (`blip_itm`) or contrastive cosine (`blip_itc`), e.g. the reward model's backbone."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    kind: Literal["clip", "blip_itm", "blip_itc"]
+    path: str = Field(min_length=1)
+
+
 class EvaluateReward(Section):
     """Pairwise accuracy (95% Wilson interval) of reward models and baselines on the test split and benchmarks."""
 
     models: list[RewardModelEntry] = Field(min_length=1)
     data: RewardData = Field(default_factory=RewardData)
     split: Literal["train", "valid", "test"] = "test"
+    fit_splits: list[Literal["train", "valid"]] = Field(
+        default_factory=list, description="Further pipeline splits to score (fit to the teacher: on the pipeline's "
+        "splits the labels are the cycle comparison, so accuracy there is agreement with the teacher).")
     benchmarks: list[RewardBenchmark] = Field(default_factory=list)
     clip: str | None = Field(None, description="open_clip model for the CLIPScore baseline; None = no CLIPScore.")
+    baselines: list[RewardBaseline] = Field(
+        default_factory=list, description="More zero-shot scorers beside the reward models (the backbone's ITC and "
+        "ITM, an upper-bound judge).")
     batch_size: int = Field(32, gt=0)
     seed: NonNegativeInt = Field(0, description="Seed of the random baseline.")
 
@@ -469,6 +485,8 @@ class EvaluateReward(Section):
     def _unique_names(self) -> EvaluateReward:
         _require_unique([m.name for m in self.models], "evaluate_reward.models")
         _require_unique([b.name for b in self.benchmarks], "evaluate_reward.benchmarks")
+        _require_unique([m.name for m in self.models] + [b.name for b in self.baselines]
+                        + ["clipscore", "random", "cycle"], "evaluate_reward scorer names")
         clash = sorted({b.name for b in self.benchmarks} & {"train", "valid", "test"})
         if clash:
             raise ValueError(f"benchmark names {clash} clash with split names (they share the report's sections)")
@@ -569,6 +587,15 @@ class DpoVlm(Section):
         "tokens and breaks the image features; a budget that low is rejected.",
     )
     max_pairs: int | None = Field(None, gt=0, description="Use the first N train pairs (by pair_id).")
+    sft_weight: float = Field(
+        1.0, ge=0.0, description="Weight of the SFT (negative log-likelihood) term on the chosen caption beside the "
+        "sigmoid DPO loss (trl loss_type [sigmoid, sft]; RPO / DPO+NLL, PAPER.md 8); 0 = pure DPO.")
+    pairs: PolicyPairs = Field(
+        "all", description="all: every train pair; beats_policy: only pairs whose chosen caption has a better "
+        "cycle score than the policy's own caption of that input (the policy must be one of the I2T candidates).")
+    sft_baseline: bool = Field(
+        True, description="Also train an SFT-only adapter on the same chosen captions (evaluate_downstream reports it "
+        "beside DPO, so 'DPO does not help' and 'nothing can be learned from these pairs' are told apart).")
     gradient_checkpointing: bool = False
     seed: NonNegativeInt = 0
 
@@ -595,6 +622,14 @@ class DiffusionDpo(Section):
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     resolution: int | None = Field(None, gt=0, multiple_of=8, description="Training side; None = model.height.")
     max_pairs: int | None = Field(None, gt=0, description="Use the first N train pairs (by pair_id).")
+    sft_weight: float = Field(
+        1.0, ge=0.0, description="Weight of the denoising (SFT) loss on the preferred image beside the Diffusion-DPO "
+        "loss; 0 = pure Diffusion-DPO.")
+    pairs: PolicyPairs = Field(
+        "all", description="all: every train pair; beats_policy: only pairs whose preferred image has a better cycle "
+        "score than the mean of the policy's own images of that prompt (the policy must be a T2I candidate model).")
+    sft_baseline: bool = Field(
+        True, description="Also train an SFT-only adapter (denoising loss on the preferred images), reported beside.")
     seed: NonNegativeInt = 0
 
     @model_validator(mode="after")

@@ -1,6 +1,8 @@
 """Stage diffusion_dpo: Diffusion-DPO of the text-to-image model's UNet on the T2I pairs with a LoRA adapter.
 
-Outputs: data/downstream/diffusion_dpo/adapter/ (diffusers LoRA weights + downstream.json),
+Objective: Diffusion-DPO on latents from the VAE posterior mean plus the denoising loss of the preferred image
+(`sft_weight`); with `sft_baseline` an SFT-only adapter on the preferred images is trained beside.
+Outputs: data/downstream/diffusion_dpo/adapter/ (diffusers LoRA weights + downstream.json), .../sft/ (the baseline),
 reports/downstream/diffusion_dpo.json (pairs, steps, loss, validation loss / implicit accuracy before and after),
 reports/metrics/diffusion_dpo.json (DVC metric). The adapter is reloaded from disk and renders a few held-out
 prompts before the stage ends. Logic: cyclepref.downstream.diffusion_dpo.
@@ -18,7 +20,7 @@ def run(params: Params, root: Path) -> dict:
     import mlflow
 
     from cyclepref.cycle import Context, t2i_hash
-    from cyclepref.downstream import adapter_dir, report_path
+    from cyclepref.downstream import adapter_dir, baseline_dir, report_path
     from cyclepref.downstream.data import heldout_inputs
     from cyclepref.models import local_spec
     from cyclepref.downstream.diffusion_dpo import load_dpo_t2i, train_diffusion_dpo
@@ -29,7 +31,8 @@ def run(params: Params, root: Path) -> dict:
     tracked = mlflow.active_run() is not None
     out = root / adapter_dir("diffusion_dpo")
     log = (lambda m, step: mlflow.log_metrics(m, step=step)) if tracked else None
-    report = train_diffusion_dpo(cfg, root, device, out, log)
+    sft = root / baseline_dir("diffusion_dpo") if cfg.sft_baseline else None
+    report = train_diffusion_dpo(cfg, root, device, out, log, sft)
 
     held = heldout_inputs(root, "t2i", ["test", "valid"], max_inputs=4)
     spec = local_spec(root, cfg.model)

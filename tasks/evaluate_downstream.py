@@ -21,7 +21,7 @@ NOTE = ("evaluator 'reward' is the reward model distilled from the same cycle-co
 def run(params: Params, root: Path) -> dict:
     import mlflow
 
-    from cyclepref.downstream import adapter_dir, report_path
+    from cyclepref.downstream import adapter_dir, baseline_dir, report_path
     from cyclepref.downstream.data import heldout_inputs
     from cyclepref.models import local_spec
     from cyclepref.downstream.evaluate import evaluate_task
@@ -38,15 +38,15 @@ def run(params: Params, root: Path) -> dict:
         report["note"] = NOTE
     summary: dict = {}
     for task in cfg.tasks:
-        if task == "i2t":
-            spec, adapter = require(params.dpo_vlm, "dpo_vlm").captioner, adapter_dir("dpo_vlm")
-        else:
-            spec, adapter = require(params.diffusion_dpo, "diffusion_dpo").model, adapter_dir("diffusion_dpo")
+        stage_name = "dpo_vlm" if task == "i2t" else "diffusion_dpo"
+        trained = require(getattr(params, stage_name), stage_name)
+        spec, adapter = (trained.captioner if task == "i2t" else trained.model), adapter_dir(stage_name)
+        baseline = root / baseline_dir(stage_name) if trained.sft_baseline else None
         held = heldout_inputs(root, task, list(cfg.heldout_splits), cfg.max_inputs)
         evaluator = make_evaluator(cfg.evaluator, task, verifiers, truth)
         second = make_evaluator(cfg.second_evaluator, task, verifiers, truth) if cfg.second_evaluator else None
         section, examples = evaluate_task(task, local_spec(root, spec), root / adapter, held, evaluator, second, root,
-                                          device, cfg)
+                                          device, cfg, baseline)
         report["tasks"][task] = section
         summary |= {f"{task}_{k}": round(v, 6) if isinstance(v, float) else v
                     for k, v in section.items() if isinstance(v, int | float)}

@@ -67,6 +67,21 @@ def test_diffusion_dpo_loss_is_log2_when_model_equals_reference():
     assert stats["implicit_accuracy"].item() == 0.0
 
 
+def test_diffusion_dpo_sft_term_is_the_denoising_error_of_the_preferred_images():
+    model, ref, target = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)
+    dpo, _ = diffusion_dpo_loss(model, ref, target, beta=10.0)
+    mix, stats = diffusion_dpo_loss(model, ref, target, beta=10.0, sft_weight=0.5)
+    preferred_err = (model[:2] - target[:2]).pow(2).mean()
+    assert stats["sft"].item() == pytest.approx(preferred_err.item(), rel=1e-6)
+    assert mix.item() == pytest.approx(dpo.item() + 0.5 * preferred_err.item(), rel=1e-6)
+    sft_only, _ = diffusion_dpo_loss(model, ref, target, beta=10.0, sft_weight=1.0, dpo_weight=0.0)
+    assert sft_only.item() == pytest.approx(preferred_err.item(), rel=1e-6)
+    rejected_changed = model.clone()
+    rejected_changed[2:] += 1.0
+    assert diffusion_dpo_loss(rejected_changed, ref, target, 10.0, 1.0, 0.0)[0].item() == pytest.approx(
+        sft_only.item(), rel=1e-6)
+
+
 def test_diffusion_dpo_loss_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         diffusion_dpo_loss(torch.zeros(3, 1), torch.zeros(3, 1), torch.zeros(3, 1), beta=1.0)
@@ -75,7 +90,7 @@ def test_diffusion_dpo_loss_rejects_mismatched_shapes():
 # ---------------------------------------------------------------- trl DPOTrainer on the tiny LLaVA
 
 
-def _dpo_trainer(zoo, tmp_path, lr: float = 5e-2):
+def _dpo_trainer(zoo, tmp_path, lr: float = 5e-2, sft_weight: float = 0.0):
     from cyclepref.config import CaptionerSpec
     from cyclepref.downstream.dpo_vlm import make_trainer, preference_dataset, preference_row
     from cyclepref.models.captioner import Captioner
@@ -88,7 +103,7 @@ def _dpo_trainer(zoo, tmp_path, lr: float = 5e-2):
     ]
     rows = [preference_row(e, captioner.prompt) for e in examples]
     cfg = DpoVlm(captioner=spec, lora=LoraSpec(**LLM_LORA), beta=0.5, lr=lr, max_steps=1, batch_size=2,
-                 lr_scheduler="constant")
+                 lr_scheduler="constant", sft_weight=sft_weight)
     trainer = make_trainer(captioner, preference_dataset(examples, captioner.prompt), None, cfg, "cpu",
                            tmp_path / "trainer")
     return trainer, rows
@@ -130,6 +145,31 @@ def test_trl_dpo_loss_matches_ours_and_one_step_changes_only_lora(zoo, tmp_path)
     assert trl_loss == pytest.approx(ours, abs=1e-5)
 
 
+def test_dpo_with_sft_term_adds_the_chosen_captions_mean_token_nll(zoo, tmp_path):
+    trainer, rows = _dpo_trainer(zoo, tmp_path, sft_weight=0.7)
+    assert list(trainer.args.loss_type) == ["sigmoid", "sft"] and list(trainer.args.loss_weights) == [1.0, 0.7]
+    model = trainer.model
+    batch = trainer.data_collator([dict(r) for r in rows])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"]).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        mask = batch["completion_mask"][:, 1:].bool()
+        chosen_nll = -logp.chunk(2)[0][mask.chunk(2)[0]].mean().item()
+        assert trainer.compute_loss(model, batch).item() == pytest.approx(LOG2 + 0.7 * chosen_nll, abs=1e-5)
+
+
+def test_dpo_objective_and_the_sft_baseline():
+    from cyclepref.config import CaptionerSpec
+    from cyclepref.downstream.dpo_vlm import objective
+
+    spec = CaptionerSpec(name="c", path="c", family="llava")
+    cfg = DpoVlm(captioner=spec, lora=LoraSpec(**LLM_LORA), lr=1e-4)
+    assert objective(cfg) == (["sigmoid", "sft"], [1.0, 1.0])
+    assert objective(cfg.model_copy(update={"sft_weight": 0.0})) == (["sigmoid"], [1.0])
+    assert objective(cfg, sft_only=True) == (["sft"], [1.0])
+
+
 def test_dpo_vlm_rejects_a_max_length_that_cuts_image_tokens(zoo, tmp_path):
     from cyclepref.downstream.dpo_vlm import check_max_length, prompt_length
 
@@ -161,6 +201,9 @@ def test_diffusion_dpo_step_changes_only_lora_and_reference_stays_base(zoo, tmp_
                 for k in range(2)]
     with torch.no_grad():
         loss, _ = model.loss(examples, cfg.beta, torch.Generator().manual_seed(0))
+        mean = model.vae.encode(model.pixels([examples[0].chosen])).latent_dist.mean
+        assert torch.equal(model.encode_images([examples[0].chosen]), mean * model.vae.config.scaling_factor)
+        assert torch.equal(model.encode_images([examples[0].chosen]), model.encode_images([examples[0].chosen]))
     assert loss.item() == pytest.approx(LOG2, abs=1e-6)
 
     modules = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}

@@ -38,6 +38,8 @@ def test_dpo_stages_train_reload_and_evaluate(zoo, tmp_path, mlflow_uri):
     summary = stage.main("dpo_vlm", dpo_vlm.run)
     report = json.loads((tmp_path / "reports/downstream/dpo_vlm.json").read_text())
     assert report["steps"] == 3 and report["train_pairs"] > 0 and report["valid_pairs"] > 0
+    assert report["loss_type"] == ["sigmoid", "sft"] and report["sft_baseline"]["loss_type"] == ["sft"]
+    assert (tmp_path / "data/downstream/dpo_vlm/sft/adapter_model.safetensors").exists()
     assert report["valid_before"]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # adapter starts as identity
     assert report["reload_check"]["captions"] == 2
     assert {"adapter_model.safetensors", "adapter_config.json"} <= _adapter_files(summary["mlflow_run_id"])
@@ -53,7 +55,10 @@ def test_dpo_stages_train_reload_and_evaluate(zoo, tmp_path, mlflow_uri):
 
     summary = stage.main("diffusion_dpo", diffusion_dpo.run)
     report = json.loads((tmp_path / "reports/downstream/diffusion_dpo.json").read_text())
-    assert report["steps"] == 3 and report["train_loss_first"] == pytest.approx(np.log(2), abs=1e-5)
+    # at the identity adapter the DPO term is log 2; the denoising term of the preferred images comes on top
+    assert report["steps"] == 3 and report["train_loss_first"] > np.log(2) + 1e-4
+    assert report["sft_baseline"]["steps"] == 3 and report["sft_baseline"]["dpo_weight"] == 0.0
+    assert (tmp_path / "data/downstream/diffusion_dpo/sft/pytorch_lora_weights.safetensors").exists()
     assert report["valid_before"]["loss"] == pytest.approx(np.log(2), abs=1e-5)
     assert report["reload_check"]["images"] == 2
     assert "pytorch_lora_weights.safetensors" in _adapter_files(summary["mlflow_run_id"])
@@ -69,6 +74,9 @@ def test_dpo_stages_train_reload_and_evaluate(zoo, tmp_path, mlflow_uri):
         assert section["judged_by"] == "model"
         for side in ("before", "after", "delta"):
             assert section[f"{side}_low"] <= section[side] <= section[f"{side}_high"]
+        sft = section["sft_baseline"]
+        assert sft["before"] == section["before"] and sft["delta"] == pytest.approx(sft["after"] - sft["before"])
+        assert section["dpo_vs_sft"]["delta"] == pytest.approx(section["after"] - sft["after"])
     assert summary["t2i_n"] == 2
     _evaluate_under_ground_truth(tmp_path, zoo, params, held, report)
 

@@ -245,3 +245,47 @@ def test_best_of_n_stage_under_ground_truth(zoo, tmp_path, mlflow_uri):
                 assert section["low"][v][n] <= section["quality"][v][n] <= section["high"][v][n]
         csv = (tmp_path / f"reports/downstream/best_of_n_{t}.csv").read_text().splitlines()
         assert csv[0] == "n,reward,random,reward_low,reward_high,random_low,random_high" and len(csv) == 4
+
+
+def test_judge_reports_the_sft_baseline_and_dpo_minus_sft_paired():
+    ids = [f"in{k}" for k in range(6)]
+    table = {"x": 0.0, "y": 1.0, "z": 0.5}
+    outcomes = Outcomes("i2t", ids, 1, [None] * 6, ["x"] * 6, [None] * 6, ["y", "y", "y", "z", "z", "z"],
+                        [None] * 6, ["z"] * 6)
+    report = judge(outcomes, ModelEvaluator(TableVerifier("reward", table)), n_boot=500)
+    assert (report["before"], report["after"]) == (0.0, 0.75)
+    sft, vs = report["sft_baseline"], report["dpo_vs_sft"]
+    assert (sft["before"], sft["after"], sft["delta"]) == (0.0, 0.5, 0.5)
+    assert (vs["before"], vs["after"]) == (0.5, 0.75) and vs["delta"] == pytest.approx(0.25)
+    assert vs["delta_low"] <= vs["delta"] <= vs["delta_high"]
+    plain = judge(Outcomes("i2t", ids, 1, [None] * 6, ["x"] * 6, [None] * 6, ["y"] * 6),
+                  ModelEvaluator(TableVerifier("reward", table)), n_boot=100)
+    assert "sft_baseline" not in plain
+
+
+def test_beats_policy_keeps_pairs_whose_chosen_beats_the_policys_own_score(tmp_path):
+    import pyarrow as pa
+
+    from cyclepref import store
+    from cyclepref.downstream.data import beats_policy, policy_scores
+    from cyclepref.tables import PATHS, SCORES
+
+    rows = [("i1", "c1", "policy", 0.4, "lower"), ("i1", "c2", "other", 0.2, "lower"),
+            ("i2", "c3", "policy", 0.1, "lower"), ("i3", "c4", "other", 0.3, "lower")]
+    table = pa.table({"task": ["i2t"] * 4, "input_id": [r[0] for r in rows], "candidate_id": [r[1] for r in rows],
+                      "model": [r[2] for r in rows], "text": ["t"] * 4, "score": [r[3] for r in rows],
+                      "metric": ["dreamsim"] * 4, "direction": [r[4] for r in rows]}, schema=SCORES)
+    store.write_table(table, tmp_path / PATHS["i2t_scores"], SCORES)
+    scores = policy_scores(tmp_path, "i2t", "policy")
+    assert scores == {"i1": pytest.approx(-0.4), "i2": pytest.approx(-0.1)}  # distances, oriented
+
+    class Pairs:
+        input_ids = ("i1", "i1", "i2", "i3")
+
+        def cycle_scores(self):
+            return np.array([-0.2, -0.4, -0.05, -0.3]), np.zeros(4)
+
+    # i1: -0.2 beats the policy's -0.4, -0.4 only ties it; i2: -0.05 beats -0.1; i3: the policy has no caption
+    assert beats_policy(Pairs(), scores) == [0, 2]
+    with pytest.raises(ValueError, match="among the i2t candidate models"):
+        policy_scores(tmp_path, "i2t", "absent")

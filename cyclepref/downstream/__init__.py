@@ -10,7 +10,9 @@ evaluators           ground truth (the sandbox's true scenes) or a model verifie
 Layout of what the stages write:
   data/downstream/best_of_n/        candidates_<task>.parquet (every sample with every verifier's score), plots
   data/downstream/dpo_vlm/adapter/  peft LoRA adapter of the captioner (+ downstream.json: base model, settings)
+  data/downstream/dpo_vlm/sft/      the SFT-on-chosen baseline adapter, same format
   data/downstream/diffusion_dpo/adapter/  diffusers LoRA weights of the UNet (+ downstream.json)
+  data/downstream/diffusion_dpo/sft/      the SFT-on-preferred baseline adapter, same format
   reports/downstream/<stage>.json   full reports; their headline numbers, the DVC metrics, in reports/metrics/
   reports/downstream/best_of_n_<task>.csv  DVC plot data
 Evaluator: `ground_truth` where the inputs are sandbox scenes with known content (attribute F1 of a caption or of
@@ -32,6 +34,11 @@ def stage_dir(stage: str) -> str:
 def adapter_dir(stage: str) -> str:
     """Where dpo_vlm / diffusion_dpo write their adapter."""
     return f"{OUT_DIR}/{stage}/adapter"
+
+
+def baseline_dir(stage: str) -> str:
+    """Where dpo_vlm / diffusion_dpo write the SFT-on-chosen baseline adapter (same format as the adapter)."""
+    return f"{OUT_DIR}/{stage}/sft"
 
 
 def report_path(name: str) -> str:

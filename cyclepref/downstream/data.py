@@ -61,21 +61,55 @@ def heldout_inputs(root: Path, task: str, splits: list[str], max_inputs: int | N
 
 
 class PairList(Sequence):
-    """The first `n` pairs of a PairSet as a sequence of PairExamples, decoded on access (nothing is held twice)."""
+    """Pairs of a PairSet (all, or those at `indices`) as a sequence of PairExamples, decoded on access (nothing is
+    held twice); `n` keeps the first n of them."""
 
-    def __init__(self, pairset, n: int | None = None):
+    def __init__(self, pairset, n: int | None = None, indices: Sequence[int] | None = None):
         self.pairset = pairset
-        self.n = len(pairset) if n is None else min(n, len(pairset))
+        self.indices = list(range(len(pairset)) if indices is None else indices)[:n]
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.indices)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return [self.pairset.example(i) for i in range(*index.indices(self.n))]
-        if not -self.n <= index < self.n:
-            raise IndexError(index)
-        return self.pairset.example(index % self.n)
+            return [self.pairset.example(self.indices[i]) for i in range(*index.indices(len(self)))]
+        return self.pairset.example(self.indices[index])
+
+
+def policy_scores(root: Path, task: str, policy: str) -> dict[str, float]:
+    """input_id -> the mean oriented cycle score (higher = better) of the policy's own candidates of that input."""
+    from cyclepref.scoring import oriented
+
+    t = pq.read_table(Path(root) / PATHS[f"{task}_scores"], columns=["input_id", "model", "score", "direction"])
+    t = t.filter(pc.equal(t.column("model"), policy)).to_pydict()
+    if not t["input_id"]:
+        raise ValueError(
+            f"pairs: beats_policy needs the policy {policy!r} among the {task} candidate models (its own outputs and "
+            "their cycle scores); add it to the candidates or set pairs: all"
+        )
+    sums: dict[str, list[float]] = {}
+    for i, s, d in zip(t["input_id"], t["score"], t["direction"], strict=True):
+        sums.setdefault(i, []).append(float(oriented([s], d)[0]))
+    return {i: sum(v) / len(v) for i, v in sums.items()}
+
+
+def beats_policy(pairset, scores: dict[str, float]) -> list[int]:
+    """Indices of the pairs whose chosen candidate scores strictly better than the policy's own on that input."""
+    chosen, _ = pairset.cycle_scores()
+    return [i for i, (inp, c) in enumerate(zip(pairset.input_ids, chosen, strict=True))
+            if inp in scores and c > scores[inp]]
+
+
+def training_pairs(root: Path, task: str, split: str, mode: str, policy: str,
+                   max_pairs: int | None = None) -> PairList:
+    """The pairs of a split that a DPO stage learns from (train) or validates on: all of them, or (mode beats_policy)
+    those whose chosen candidate beats the policy's own output by the pipeline's cycle score."""
+    from cyclepref.reward.data import TablePairSource
+
+    pairset = TablePairSource(Path(root)).pairs(task, split)
+    indices = beats_policy(pairset, policy_scores(root, task, policy)) if mode == "beats_policy" else None
+    return PairList(pairset, max_pairs, indices)
 
 
 def pair_examples(root: Path, task: str, split: str, max_pairs: int | None = None) -> PairList:

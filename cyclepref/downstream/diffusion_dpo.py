@@ -1,7 +1,7 @@
 """Diffusion-DPO (Wallace et al. 2023; PAPER.md §6) of a UNet text-to-image pipeline with a LoRA adapter.
 
-For a (prompt, preferred image, rejected image) pair both images are encoded by the frozen VAE and noised with the
-same noise and timestep; the UNet with the adapter is the trained model, the same UNet with the adapter disabled is
+For a (prompt, preferred image, rejected image) pair both images are encoded by the frozen VAE (the posterior mean,
+the latents the denoiser was trained on) and noised with the same noise and timestep; the UNet with the adapter is the trained model, the same UNet with the adapter disabled is
 the reference. Loss: cyclepref.downstream.losses.diffusion_dpo_loss. The adapter is saved in diffusers' LoRA format
 (pytorch_lora_weights.safetensors), so `pipeline.load_lora_weights(dir)` restores it for generation.
 """
@@ -69,15 +69,15 @@ class DiffusionDpoModel:
         return self.text_encoder(tok.input_ids.to(self.device))[0]
 
     @torch.no_grad()
-    def encode_images(self, images: Sequence, generator: torch.Generator) -> torch.Tensor:
+    def encode_images(self, images: Sequence) -> torch.Tensor:
+        """Scaled latents from the VAE posterior's mean: the latents the denoiser was trained on (a posterior sample
+        adds noise of the posterior's std to every training target)."""
         x = self.pixels(images).to(self.device, self.weight_dtype)
-        dist = self.vae.encode(x).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
-        return (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
+        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
 
     def predictions(self, examples: Sequence, generator: torch.Generator):
         """(model prediction, reference prediction, target), each (2B, C, h, w): preferred rows, then rejected."""
-        latents = self.encode_images([e.chosen for e in examples] + [e.rejected for e in examples], generator)
+        latents = self.encode_images([e.chosen for e in examples] + [e.rejected for e in examples])
         b = len(examples)
         noise = torch.randn((b, *latents.shape[1:]), generator=generator).to(latents).repeat(2, 1, 1, 1)
         steps = self.noise_scheduler.config.num_train_timesteps
@@ -101,27 +101,35 @@ class DiffusionDpoModel:
                     self.unet.enable_adapters()
         return model_pred, ref_pred, target
 
-    def loss(self, examples: Sequence, beta: float, generator: torch.Generator):
-        return diffusion_dpo_loss(*self.predictions(examples, generator), beta)
+    def loss(self, examples: Sequence, beta: float, generator: torch.Generator, sft_weight: float = 0.0,
+             dpo_weight: float = 1.0):
+        return diffusion_dpo_loss(*self.predictions(examples, generator), beta, sft_weight, dpo_weight)
+
+
+def weights(cfg: DiffusionDpo, sft_only: bool) -> dict[str, float]:
+    """The objective: Diffusion-DPO plus the denoising term on the preferred image, or that term alone (baseline)."""
+    return {"dpo_weight": 0.0, "sft_weight": 1.0} if sft_only else {"dpo_weight": 1.0, "sft_weight": cfg.sft_weight}
 
 
 def evaluate(model: DiffusionDpoModel, examples: Sequence, beta: float, batch_size: int, seed: int) -> dict:
-    """Mean loss and implicit accuracy over examples with a fixed generator (comparable across calls)."""
+    """Mean Diffusion-DPO loss, implicit accuracy and denoising error of the preferred images over examples, with a
+    fixed generator (comparable across calls)."""
     if not len(examples):
         return {}
     gen = torch.Generator().manual_seed(seed)
-    total, acc = 0.0, 0.0
+    totals = {"loss": 0.0, "implicit_accuracy": 0.0, "sft": 0.0}
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             loss, stats = model.loss(chunk, beta, gen)
-            total += float(loss) * len(chunk)
-            acc += float(stats["implicit_accuracy"]) * len(chunk)
-    return {"loss": total / len(examples), "implicit_accuracy": acc / len(examples)}
+            for key, value in (("loss", loss), ("implicit_accuracy", stats["implicit_accuracy"]),
+                               ("sft", stats["sft"])):
+                totals[key] += float(value) * len(chunk)
+    return {k: v / len(examples) for k, v in totals.items()}
 
 
 def train_steps(model: DiffusionDpoModel, examples: Sequence, cfg: DiffusionDpo,
-                log_metrics: Callable[[dict, int], None] | None = None) -> list[dict]:
+                log_metrics: Callable[[dict, int], None] | None = None, sft_only: bool = False) -> list[dict]:
     """AdamW on the LoRA parameters; each step averages cfg.grad_accum micro-batches of cfg.batch_size pairs."""
     opt = torch.optim.AdamW(model.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -137,7 +145,7 @@ def train_steps(model: DiffusionDpoModel, examples: Sequence, cfg: DiffusionDpo,
             losses, accs = [], []
             for m in range(0, len(group), cfg.batch_size):
                 micro = [examples[i] for i in group[m : m + cfg.batch_size]]
-                loss, stats = model.loss(micro, cfg.beta, gen)
+                loss, stats = model.loss(micro, cfg.beta, gen, **weights(cfg, sft_only))
                 (loss * len(micro) / len(group)).backward()
                 losses.append(loss.item() * len(micro))
                 accs.append(stats["implicit_accuracy"].item() * len(micro))
@@ -154,26 +162,21 @@ def train_steps(model: DiffusionDpoModel, examples: Sequence, cfg: DiffusionDpo,
     return history
 
 
-def train_diffusion_dpo(cfg: DiffusionDpo, root: Path, device: str, out_dir: Path,
-                        log_metrics: Callable[[dict, int], None] | None = None) -> dict:
-    """Train on the train T2I pairs, validate before and after on the valid pairs, save the adapter to out_dir."""
-    from cyclepref.downstream.data import pair_examples
+def train_one(cfg: DiffusionDpo, root: Path, device: str, train, valid, out_dir: Path,
+              log_metrics: Callable[[dict, int], None] | None = None, sft_only: bool = False) -> dict:
+    """Train one adapter from the base model, validate before and after on the valid pairs, save it to out_dir."""
     from cyclepref.models.t2i import TextToImage
 
     torch.manual_seed(cfg.seed)
-    train = pair_examples(root, "t2i", "train", cfg.max_pairs)
-    valid = pair_examples(root, "t2i", "valid")
-    if not len(train):
-        raise ValueError(f"{root}: no T2I pairs in the train split (dvc repro build_pairs; check build_pairs.split)")
     t2i = TextToImage(local_spec(root, cfg.model), device)
     model = DiffusionDpoModel(t2i.pipe, cfg.lora, cfg.resolution or cfg.model.height, device)
     before = evaluate(model, valid, cfg.beta, cfg.batch_size, cfg.seed)
-    history = train_steps(model, train, cfg, log_metrics)
+    history = train_steps(model, train, cfg, log_metrics, sft_only)
     after = evaluate(model, valid, cfg.beta, cfg.batch_size, cfg.seed)
-    save_adapter(model.unet, out_dir, cfg.model, {"beta": cfg.beta, "lr": cfg.lr, "steps": len(history)})
+    objective = weights(cfg, sft_only)
+    save_adapter(model.unet, out_dir, cfg.model, {"beta": cfg.beta, "lr": cfg.lr, "steps": len(history), **objective})
     return {
-        "train_pairs": len(train),
-        "valid_pairs": len(valid),
+        **objective,
         "steps": len(history),
         "train_loss_first": history[0]["loss"],
         "train_loss_last": history[-1]["loss"],
@@ -181,6 +184,24 @@ def train_diffusion_dpo(cfg: DiffusionDpo, root: Path, device: str, out_dir: Pat
         "valid_before": before,
         "valid_after": after,
     }
+
+
+def train_diffusion_dpo(cfg: DiffusionDpo, root: Path, device: str, out_dir: Path,
+                        log_metrics: Callable[[dict, int], None] | None = None, sft_dir: Path | None = None) -> dict:
+    """Diffusion-DPO (+ denoising term) on the selected train pairs into out_dir; with `sft_dir`, the SFT-only
+    baseline beside."""
+    from cyclepref.downstream.data import training_pairs
+
+    train = training_pairs(root, "t2i", "train", cfg.pairs, cfg.model.name, cfg.max_pairs)
+    valid = training_pairs(root, "t2i", "valid", cfg.pairs, cfg.model.name)
+    if not len(train):
+        raise ValueError(f"{root}: no T2I train pairs selected (pairs: {cfg.pairs}; dvc repro build_pairs; check "
+                         "build_pairs.split)")
+    report = {"pairs": cfg.pairs, "train_pairs": len(train), "valid_pairs": len(valid),
+              **train_one(cfg, root, device, train, valid, out_dir, log_metrics)}
+    if sft_dir is not None:
+        report["sft_baseline"] = train_one(cfg, root, device, train, valid, sft_dir, sft_only=True)
+    return report
 
 
 def save_adapter(unet, out_dir: Path, base: T2ISpec, extra: dict) -> Path:

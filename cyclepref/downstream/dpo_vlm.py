@@ -71,20 +71,32 @@ def check_max_length(processor, row: dict, max_length: int | None) -> None:
         )
 
 
+def objective(cfg: DpoVlm, sft_only: bool = False) -> tuple[list[str], list[float]]:
+    """trl loss types and weights: sigmoid DPO plus the SFT term on the chosen caption (weight cfg.sft_weight), or
+    the SFT term alone (the SFT-on-chosen baseline)."""
+    if sft_only:
+        return ["sft"], [1.0]
+    if cfg.sft_weight == 0:
+        return ["sigmoid"], [1.0]
+    return ["sigmoid", "sft"], [1.0, cfg.sft_weight]
+
+
 def make_trainer(captioner, train, valid, cfg: DpoVlm, device: str, output_dir: Path,
-                 log_metrics: Callable[[dict, int], None] | None = None):
+                 log_metrics: Callable[[dict, int], None] | None = None, sft_only: bool = False):
     """A DPOTrainer on the captioner's model (LoRA applied by trl from cfg.lora); train / valid: preference
-    datasets (preference_dataset), valid may be None."""
+    datasets (preference_dataset), valid may be None; `sft_only`: the SFT-on-chosen baseline."""
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     on_accel = device != "cpu"
     dtype = captioner.spec.dtype
+    loss_type, loss_weights = objective(cfg, sft_only)
     args = DPOConfig(
         output_dir=str(output_dir),
         beta=cfg.beta,
-        loss_type=["sigmoid"],
+        loss_type=loss_type,
+        loss_weights=loss_weights,
         learning_rate=cfg.lr,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
@@ -140,37 +152,50 @@ def _eval(trainer) -> dict[str, float]:
     return {k.removeprefix("eval_").replace("/", "_"): float(out[k]) for k in EVAL_KEYS if k in out}
 
 
-def train_dpo_vlm(cfg: DpoVlm, root: Path, device: str, out_dir: Path, work_dir: Path,
-                  log_metrics: Callable[[dict, int], None] | None = None) -> dict:
-    """Train on the train pairs, validate before and after on the valid pairs, save the adapter to out_dir."""
-    from cyclepref.downstream.data import pair_examples
+def train_one(cfg: DpoVlm, root: Path, device: str, train, valid, out_dir: Path, work_dir: Path,
+              log_metrics: Callable[[dict, int], None] | None = None, sft_only: bool = False) -> dict:
+    """Train one adapter from the base captioner, validate before and after on the valid pairs, save it to out_dir."""
     from cyclepref.models.captioner import Captioner
 
     torch.manual_seed(cfg.seed)
-    spec = local_spec(root, cfg.captioner)
-    captioner = Captioner(spec, device)
-    train = pair_examples(root, "i2t", "train", cfg.max_pairs)
-    valid = pair_examples(root, "i2t", "valid")
-    if not len(train):
-        raise ValueError(f"{root}: no I2T pairs in the train split (dvc repro build_pairs; check build_pairs.split)")
+    captioner = Captioner(local_spec(root, cfg.captioner), device)
     check_max_length(captioner.processor, preference_row(train[0], captioner.prompt), cfg.max_length)
     trainer = make_trainer(captioner, preference_dataset(train, captioner.prompt),
                            preference_dataset(valid, captioner.prompt) if len(valid) else None, cfg, device,
-                           work_dir, log_metrics)
+                           work_dir, log_metrics, sft_only)
     before = _eval(trainer) if len(valid) else {}
     result = trainer.train()
     after = _eval(trainer) if len(valid) else {}
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    save_adapter(trainer.model, out_dir, cfg.captioner, {"beta": cfg.beta, "lr": cfg.lr, "steps": result.global_step})
+    loss_type, loss_weights = objective(cfg, sft_only)
+    save_adapter(trainer.model, out_dir, cfg.captioner,
+                 {"beta": cfg.beta, "lr": cfg.lr, "steps": result.global_step, "loss_type": loss_type,
+                  "loss_weights": loss_weights})
     return {
-        "train_pairs": len(train),
-        "valid_pairs": len(valid),
+        "loss_type": loss_type,
+        "loss_weights": loss_weights,
         "steps": int(result.global_step),
         "train_loss": float(result.training_loss),
-        "trainable_params": int(trainable),
+        "trainable_params": int(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)),
         "valid_before": before,
         "valid_after": after,
     }
+
+
+def train_dpo_vlm(cfg: DpoVlm, root: Path, device: str, out_dir: Path, work_dir: Path,
+                  log_metrics: Callable[[dict, int], None] | None = None, sft_dir: Path | None = None) -> dict:
+    """DPO (+ SFT term) on the selected train pairs into out_dir; with `sft_dir`, the SFT-only baseline beside."""
+    from cyclepref.downstream.data import training_pairs
+
+    train = training_pairs(root, "i2t", "train", cfg.pairs, cfg.captioner.name, cfg.max_pairs)
+    valid = training_pairs(root, "i2t", "valid", cfg.pairs, cfg.captioner.name)
+    if not len(train):
+        raise ValueError(f"{root}: no I2T train pairs selected (pairs: {cfg.pairs}; dvc repro build_pairs; check "
+                         "build_pairs.split)")
+    report = {"pairs": cfg.pairs, "train_pairs": len(train), "valid_pairs": len(valid),
+              **train_one(cfg, root, device, train, valid, out_dir, work_dir, log_metrics)}
+    if sft_dir is not None:
+        report["sft_baseline"] = train_one(cfg, root, device, train, valid, sft_dir, work_dir / "sft", sft_only=True)
+    return report
 
 
 def save_adapter(peft_model, out_dir: Path, base: CaptionerSpec, extra: dict) -> Path:

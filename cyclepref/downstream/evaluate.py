@@ -36,6 +36,8 @@ class Outcomes:
     texts_before: list[str]
     images_after: list[Image.Image]
     texts_after: list[str]
+    images_sft: list[Image.Image] | None = None
+    texts_sft: list[str] | None = None
 
     def changed(self) -> int:
         if self.task == "i2t":
@@ -65,23 +67,38 @@ def with_intervals(before: Sequence[float], after: Sequence[float], confidence: 
 
 
 def judge(outcomes: Outcomes, evaluator: Evaluator, confidence: float = 0.95, n_boot: int = 10000) -> dict:
-    """The evaluator's per-input scores (mean over an input's outcomes) before and after, compared with intervals."""
+    """The evaluator's per-input scores (mean over an input's outcomes) before and after, compared with intervals;
+    with SFT-baseline outcomes also `sft_baseline` (SFT vs before) and `dpo_vs_sft` (after vs SFT), paired."""
     o = outcomes
-    before = evaluator.score(o.input_ids, o.images_before, o.texts_before).reshape(-1, o.per_input).mean(axis=1)
-    after = evaluator.score(o.input_ids, o.images_after, o.texts_after).reshape(-1, o.per_input).mean(axis=1)
-    return {"judged_by": judged_by(evaluator.name), **with_intervals(before, after, confidence, n_boot)}
+
+    def per_input(images, texts):
+        return evaluator.score(o.input_ids, images, texts).reshape(-1, o.per_input).mean(axis=1)
+
+    before, after = per_input(o.images_before, o.texts_before), per_input(o.images_after, o.texts_after)
+    report = {"judged_by": judged_by(evaluator.name), **with_intervals(before, after, confidence, n_boot)}
+    if o.texts_sft is not None:
+        sft = per_input(o.images_sft, o.texts_sft)
+        report["sft_baseline"] = with_intervals(before, sft, confidence, n_boot)
+        report["dpo_vs_sft"] = with_intervals(sft, after, confidence, n_boot)
+    return report
 
 
-def captions_before_after(spec: CaptionerSpec, adapter: Path, images: Sequence[Image.Image], device: str,
-                          batch_size: int) -> tuple[list[str], list[str]]:
+def captions_with_adapters(spec: CaptionerSpec, adapters: Sequence[Path | None], images: Sequence[Image.Image],
+                           device: str, batch_size: int) -> list[list[str]]:
+    """Greedy captions of `images` by the base captioner (adapter None) and with each adapter, one model load: an
+    adapter is applied unmerged and unloaded after its captions."""
     from cyclepref.downstream.dpo_vlm import apply_adapter
     from cyclepref.models.captioner import Captioner, clean_caption
 
     captioner = Captioner(spec, device)
-    before = [clean_caption(t) for t in captioner.caption(list(images), batch_size=batch_size)]
-    apply_adapter(captioner, adapter)
-    after = [clean_caption(t) for t in captioner.caption(list(images), batch_size=batch_size)]
-    return before, after
+    out = []
+    for adapter in adapters:
+        if adapter is not None:
+            apply_adapter(captioner, adapter, merge=False)
+        out.append([clean_caption(t) for t in captioner.caption(list(images), batch_size=batch_size)])
+        if adapter is not None:
+            captioner.model = captioner.model.unload().eval()
+    return out
 
 
 def image_seeds(input_ids: Sequence[str], gen_hash: str, seeds: Sequence[int] = (0,)) -> list[int]:
@@ -89,32 +106,43 @@ def image_seeds(input_ids: Sequence[str], gen_hash: str, seeds: Sequence[int] = 
     return [seed_of(key_of(i, gen_hash, "evaluate_downstream", s)) for i in input_ids for s in seeds]
 
 
-def images_before_after(spec: T2ISpec, adapter: Path, prompts: Sequence[str], seeds: Sequence[int], device: str,
-                        batch_size: int) -> tuple[list[Image.Image], list[Image.Image]]:
+def images_with_adapters(spec: T2ISpec, adapters: Sequence[Path | None], prompts: Sequence[str], seeds: Sequence[int],
+                         device: str, batch_size: int) -> list[list[Image.Image]]:
+    """Images of `prompts` by the base model (adapter None) and with each adapter, same seeds, one model load."""
     from cyclepref.downstream.diffusion_dpo import apply_adapter
     from cyclepref.models.t2i import TextToImage
 
     t2i = TextToImage(spec, device)
-    before = t2i.generate(list(prompts), list(seeds), batch_size)
-    apply_adapter(t2i, adapter)
-    after = t2i.generate(list(prompts), list(seeds), batch_size)
-    return before, after
+    out = []
+    for adapter in adapters:
+        if adapter is not None:
+            apply_adapter(t2i, adapter)
+        out.append(t2i.generate(list(prompts), list(seeds), batch_size))
+        if adapter is not None:
+            t2i.pipe.unload_lora_weights()
+    return out
 
 
-def caption_outcomes(spec: CaptionerSpec, adapter: Path, held, device: str, batch_size: int) -> Outcomes:
-    before, after = captions_before_after(spec, adapter, held.images, device, batch_size)
-    return Outcomes("i2t", list(held.input_ids), 1, list(held.images), before, list(held.images), after)
+def caption_outcomes(spec: CaptionerSpec, adapter: Path, held, device: str, batch_size: int,
+                     baseline: Path | None = None) -> Outcomes:
+    texts = captions_with_adapters(spec, [None, adapter, *([baseline] if baseline else [])], held.images, device,
+                                   batch_size)
+    images = list(held.images)
+    return Outcomes("i2t", list(held.input_ids), 1, images, texts[0], images, texts[1],
+                    images if baseline else None, texts[2] if baseline else None)
 
 
 def image_outcomes(spec: T2ISpec, adapter: Path, held, seeds: Sequence[int], root: Path, device: str,
-                   batch_size: int) -> Outcomes:
+                   batch_size: int, baseline: Path | None = None) -> Outcomes:
     from cyclepref.cycle import Context, t2i_hash
 
     k = len(seeds)
     gen_seeds = image_seeds(held.input_ids, t2i_hash(Context(Path(root), device), spec), seeds)
     prompts = [p for p in held.prompts for _ in range(k)]
-    before, after = images_before_after(spec, adapter, prompts, gen_seeds, device, batch_size)
-    return Outcomes("t2i", [i for i in held.input_ids for _ in range(k)], k, before, prompts, after, prompts)
+    images = images_with_adapters(spec, [None, adapter, *([baseline] if baseline else [])], prompts, gen_seeds,
+                                  device, batch_size)
+    return Outcomes("t2i", [i for i in held.input_ids for _ in range(k)], k, images[0], prompts, images[1], prompts,
+                    images[2] if baseline else None, prompts if baseline else None)
 
 
 def examples(o: Outcomes) -> list[tuple[Image.Image, str]]:
@@ -128,12 +156,14 @@ def examples(o: Outcomes) -> list[tuple[Image.Image, str]]:
 
 
 def evaluate_task(task: str, spec, adapter: Path, held, evaluator: Evaluator, second: Evaluator | None, root: Path,
-                  device: str, cfg: EvaluateDownstream) -> tuple[dict, list[tuple[Image.Image, str]]]:
-    """The task's report section (the evaluator's numbers, the second evaluator's beside) and a few examples."""
+                  device: str, cfg: EvaluateDownstream,
+                  baseline: Path | None = None) -> tuple[dict, list[tuple[Image.Image, str]]]:
+    """The task's report section (the evaluator's numbers, the second evaluator's beside; with `baseline`, the
+    SFT-only adapter's numbers too) and a few examples."""
     if task == "i2t":
-        outcomes = caption_outcomes(spec, adapter, held, device, cfg.batch_size)
+        outcomes = caption_outcomes(spec, adapter, held, device, cfg.batch_size, baseline)
     else:
-        outcomes = image_outcomes(spec, adapter, held, cfg.seeds, root, device, cfg.batch_size)
+        outcomes = image_outcomes(spec, adapter, held, cfg.seeds, root, device, cfg.batch_size, baseline)
     report = judge(outcomes, evaluator, cfg.confidence, cfg.bootstrap_samples)
     report |= {"changed": outcomes.changed(), "heldout": held.source}
     if task == "t2i":
