@@ -23,6 +23,8 @@ NOTES = {
     "clipscore": "cosine similarity of open_clip image and text embeddings (same order as CLIPScore = "
     "2.5 max(cos, 0) where the cosine is positive)",
     "random": "seeded uniform random scores; expected accuracy 50%",
+    "baselines": "blip_itm / blip_itc: a BLIP checkpoint (the reward model's backbone) used zero-shot, by its "
+    "image-text matching head (match minus no-match logit) or its contrastive cosine",
 }
 
 
@@ -30,9 +32,11 @@ def run(params: Params, root: Path) -> dict:
     import mlflow
 
     from cyclepref import runtime
+    from cyclepref.models.similarity import ImageEmbedder
     from cyclepref.reward.benchmarks import TASKS, load_benchmark
     from cyclepref.reward.data import open_source
     from cyclepref.reward.evaluate import (
+        BackboneScorer,
         ClipScorer,
         RandomScorer,
         RewardScorer,
@@ -50,18 +54,22 @@ def run(params: Params, root: Path) -> dict:
         for m in cfg.models
     ]
     if cfg.clip is not None:
-        from cyclepref.models.similarity import ImageEmbedder
-
-        clip = cfg.clip if cfg.clip.startswith("hf-hub:") else str(root / cfg.clip)
-        scorers.append(ClipScorer(ImageEmbedder(clip, device)))
+        scorers.append(ClipScorer(ImageEmbedder(model_path(root, cfg.clip), device)))
+    for b in cfg.baselines:
+        if b.kind == "clip":
+            scorers.append(ClipScorer(ImageEmbedder(model_path(root, b.path), device), b.name))
+        else:
+            scorers.append(BackboneScorer(b.name, model_path(root, b.path), b.kind.removeprefix("blip_"), device))
     scorers.append(RandomScorer(cfg.seed))
 
     source = open_source(cfg.data, root)
-    sections: dict[str, dict] = {cfg.split: {}}
-    for task in TASKS:
-        if cfg.data.source == "hf_datasets" and getattr(cfg.data, f"{task}_path") is None:
-            continue
-        sections[cfg.split][task] = source.pairs(task, cfg.split)
+    sections: dict[str, dict] = {}
+    for split in (cfg.split, *cfg.fit_splits):
+        sections[split] = {}
+        for task in TASKS:
+            if cfg.data.source == "hf_datasets" and getattr(cfg.data, f"{task}_path") is None:
+                continue
+            sections[split][task] = source.pairs(task, split)
     for bench in cfg.benchmarks:
         sections[bench.name] = load_benchmark(root / bench.path)
 
@@ -78,7 +86,8 @@ def run(params: Params, root: Path) -> dict:
         "results": results,
         "models": {m.name: m.path for m in cfg.models},
         "clip": cfg.clip,
-        "notes": NOTES | {"sections": f"'{cfg.split}' = the pipeline's {cfg.split} split; others = benchmark files"},
+        "notes": NOTES | {"sections": f"'{cfg.split}', {cfg.fit_splits} = the pipeline's splits (labels = the cycle "
+                          "comparison: accuracy there is fit to the teacher); others = benchmark files"},
     }
     store.write_json(metric_file(results), root / REPORTS["eval"])
     models = [m.name for m in cfg.models]
@@ -99,6 +108,11 @@ def run(params: Params, root: Path) -> dict:
             if first["accuracy"] is not None:
                 summary[f"{section}_{task}_{cfg.models[0].name}_accuracy"] = round(first["accuracy"], 4)
     return summary
+
+
+def model_path(root: Path, path: str) -> str:
+    """A local model directory under the project root; a hub id (or an `hf-hub:` open_clip id) as it is."""
+    return str(root / path) if (root / path).exists() else path
 
 
 def metric_file(results: dict) -> dict:

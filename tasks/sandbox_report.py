@@ -37,6 +37,39 @@ def candidate_tables(root: Path) -> dict[str, dict]:
     return {"i2t": i2t, "t2i": t2i}
 
 
+def text_metric_ablation(params: Params, root: Path, f1_t2i: dict[str, float]) -> dict:
+    """The T2I cycle's text metric, ablated as the paper ablates the I2T image metric: agreement with ground truth of
+    the pairs built from SBERT (the pipeline's scores, the paper's choice), ROUGE-L and the judge CLIP's text
+    cosine between prompt and back-caption, each under the pipeline's tie gap (SBERT also under its 0.4 limit)."""
+    from cyclepref.models.similarity import ImageEmbedder
+
+    pairs_cfg = require(params.build_pairs, "build_pairs")
+    sbert = rp.read_table(root / tables.PATHS["t2i_scores"], ["input_id", "candidate_id", "model", "score"])
+    back = rp.read_table(root / tables.PATHS["t2i_reconstructions"], ["candidate_id", "input_id", "model", "text"])
+    inputs = rp.read_table(root / tables.PATHS["inputs"], ["input_id", "prompt"])
+    prompt = dict(zip(inputs["input_id"], inputs["prompt"], strict=True))
+    prompts = [prompt[i] for i in back["input_id"]]
+    clip = ImageEmbedder(str(root / require(params.evaluate_reward, "evaluate_reward").clip), "cpu")
+    cos = (clip.embed_texts(prompts) * clip.embed_texts(back["text"])).sum(-1).tolist()
+    other = {"rouge_l": [rp.rouge_l(p, t) for p, t in zip(prompts, back["text"], strict=True)], "clip_text": cos}
+    out = {"sbert": rp.metric_agreement(sbert, f1_t2i, pairs_cfg.tie_gap, pairs_cfg.quality_limits.sbert)}
+    for name, values in other.items():
+        out[name] = rp.metric_agreement({**back, "score": values}, f1_t2i, pairs_cfg.tie_gap, None)
+    return out
+
+
+def label_tables(root: Path) -> tuple[dict, dict, dict]:
+    """I2T reconstructions (text, image), T2I back-captions (candidate_id, text), T2I candidate images by id."""
+    from cyclepref.workstore import read_shards
+
+    recon = read_shards(root / tables.PATHS["i2t_reconstructions"], tables.I2T_RECONSTRUCTIONS,
+                        ["text", "image"]).to_pydict()
+    back = rp.read_table(root / tables.PATHS["t2i_reconstructions"], ["candidate_id", "text"])
+    images = read_shards(root / tables.PATHS["t2i_candidates"], tables.T2I_CANDIDATES,
+                         ["candidate_id", "image"]).to_pydict()
+    return recon, back, dict(zip(images["candidate_id"], images["image"], strict=True))
+
+
 def build(params: Params, root: Path) -> tuple[dict, dict, dict]:
     """The report, the inputs' truth and every candidate's ground-truth F1."""
     world = require(params.world, "world")
@@ -48,11 +81,15 @@ def build(params: Params, root: Path) -> tuple[dict, dict, dict]:
                for t in ("i2t", "t2i")}
     parser_scenes = scenes("benchmark", 300, seed=world.benchmark.seed)
     backward = require(params.reconstruct_i2t, "reconstruct_i2t").model.path
+    eval_report = _json(root / REPORTS["eval"])
     return {
+        "label_quality": rp.label_quality(*label_tables(root)),
+        "t2i_text_metric": text_metric_ablation(params, root, f1["t2i"]),
+        "fit_to_teacher": {split: eval_report[split] for split in ("train", "valid", "test") if split in eval_report},
         "inputs_with_truth": len(truth),
         "agreement": {t: rp.agreement(by_task[t], f1[t]) for t in by_task},
         "ladder": {t: rp.ladder(cands[t], f1[t]) for t in cands},
-        "benchmark": rp.benchmark_accuracy(_json(root / REPORTS["eval"]), BENCHMARK),
+        "benchmark": rp.benchmark_accuracy(eval_report, BENCHMARK),
         "best_of_n": _json(root / report_path("best_of_n")),
         "downstream": _json(root / report_path("evaluate")),
         "parser": {"clean_renders": rp.parser_accuracy(parser_scenes),

@@ -77,28 +77,61 @@ class Scorer:
         raise NotImplementedError
 
 
+def aligned(examples: Sequence[PairExample]) -> tuple[list, list[str]]:
+    """(images, texts) of every pair's chosen and rejected item, interleaved (chosen at even positions)."""
+    images, texts = [], []
+    for e in examples:
+        if e.task == "i2t":
+            images += [e.image, e.image]
+            texts += [e.chosen, e.rejected]
+        else:
+            images += [e.chosen, e.rejected]
+            texts += [e.prompt, e.prompt]
+    return images, texts
+
+
 class RewardScorer(Scorer):
     def __init__(self, name: str, model):
         self.name, self.model = name, model
 
     def score(self, examples: Sequence[PairExample]) -> tuple[np.ndarray, np.ndarray]:
-        images, texts = [], []
-        for e in examples:
-            if e.task == "i2t":
-                images += [e.image, e.image]
-                texts += [e.chosen, e.rejected]
-            else:
-                images += [e.chosen, e.rejected]
-                texts += [e.prompt, e.prompt]
+        images, texts = aligned(examples)
         s = self.model.score(images, texts, batch_size=max(2, len(texts))).numpy()
         return s[0::2], s[1::2]
 
 
-class ClipScorer(Scorer):
-    name = "clipscore"
+class BackboneScorer(Scorer):
+    """The reward model's starting backbone used zero-shot: a BLIP ITM checkpoint scoring each (image, text) by its
+    image-text matching head (`itm`: logit of "match" minus logit of "no match") or by the cosine of its contrastive
+    projections (`itc`). The baseline preference training has to beat."""
 
-    def __init__(self, embedder):
-        self.embedder = embedder
+    def __init__(self, name: str, path: str, head: str, device: str = "cpu"):
+        from transformers import AutoProcessor, BlipForImageTextRetrieval
+
+        from cyclepref.models import load_failed, locate
+
+        if head not in ("itm", "itc"):
+            raise ValueError(f"backbone head must be 'itm' or 'itc', got {head!r}")
+        try:
+            self.processor = AutoProcessor.from_pretrained(locate(path))
+            self.model = BlipForImageTextRetrieval.from_pretrained(locate(path), dtype=torch.float32).to(device).eval()
+        except Exception as err:
+            raise load_failed(path, err) from err
+        self.name, self.head, self.device = name, head, device
+
+    @torch.no_grad()
+    def score(self, examples: Sequence[PairExample]) -> tuple[np.ndarray, np.ndarray]:
+        images, texts = aligned(examples)
+        batch = self.processor(images=[im.convert("RGB") for im in images], text=texts, padding=True,
+                               truncation=True, return_tensors="pt").to(self.device)
+        out = self.model(**batch, use_itm_head=self.head == "itm").itm_score
+        s = (out[:, 1] - out[:, 0] if self.head == "itm" else out.diagonal()).float().cpu().numpy()
+        return s[0::2], s[1::2]
+
+
+class ClipScorer(Scorer):
+    def __init__(self, embedder, name: str = "clipscore"):
+        self.embedder, self.name = embedder, name
         self._cache: dict[str, torch.Tensor] = {}
 
     def reset(self, pairset: PairSet) -> None:

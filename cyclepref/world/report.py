@@ -18,7 +18,8 @@ from PIL import Image
 
 from cyclepref import stats
 from cyclepref.reward.evaluate import wilson
-from cyclepref.world.parse import Parsed, as_parsed, parse_image
+from cyclepref.world.parse import Parsed, as_parsed, parse_caption, parse_image
+from cyclepref.world.parse import f1 as parsed_f1
 from cyclepref.world.truth import caption_quality, image_quality
 
 BUCKETS = 4
@@ -110,6 +111,62 @@ def vae_round_trip(pipeline_dir: str):
         return [Image.fromarray(a) for a in y]
 
     return transform
+
+
+def scene_key(objects: Parsed) -> tuple:
+    return tuple(sorted(tuple(o[a] or "" for a in ("position", "shape", "colour", "size")) for o in objects))
+
+
+def fidelity(described: list[Parsed], drawn: list[Parsed]) -> dict:
+    """How faithfully images show what texts say: the share of (text, image) pairs whose parsed objects are exactly
+    the same scene, the share with the same object count, and the mean F1 of the image against the text."""
+    exact = sum(scene_key(t) == scene_key(i) for t, i in zip(described, drawn, strict=True))
+    count = sum(len(t) == len(i) for t, i in zip(described, drawn, strict=True))
+    return {"exact_scene": proportion(exact, len(drawn)), "object_count": proportion(count, len(drawn)),
+            "f1": mean_interval([parsed_f1(i, t) for t, i in zip(described, drawn, strict=True)])}
+
+
+def label_quality(i2t_recon: dict, t2i_back: dict, t2i_images: dict) -> dict:
+    """Cycle label quality. I2T decoder: every reconstruction against the caption it was drawn from. T2I
+    back-captioner: every back-caption against the candidate image it describes."""
+    decoder = fidelity([parse_caption(t) for t in i2t_recon["text"]],
+                       [parse_image(Image.open(io.BytesIO(b))) for b in i2t_recon["image"]])
+    ids = [c for c in t2i_back["candidate_id"] if c in t2i_images]
+    back = dict(zip(t2i_back["candidate_id"], t2i_back["text"], strict=True))
+    captioner = fidelity([parse_caption(back[c]) for c in ids],
+                         [parse_image(Image.open(io.BytesIO(t2i_images[c]))) for c in ids])
+    return {"i2t_decoder": decoder, "t2i_back_captioner": captioner}
+
+
+def rouge_l(a: str, b: str) -> float:
+    """ROUGE-L F-measure of two texts' lower-cased word sequences (longest common subsequence)."""
+    x, y = a.lower().replace(",", " ").replace(".", " ").split(), b.lower().replace(",", " ").replace(".", " ").split()
+    if not x or not y:
+        return 0.0
+    prev = [0] * (len(y) + 1)
+    for u in x:
+        row = [0]
+        for j, v in enumerate(y):
+            row.append(prev[j] + 1 if u == v else max(prev[j + 1], row[j]))
+        prev = row
+    lcs = prev[-1]
+    return 0.0 if lcs == 0 else 2 * lcs / (len(x) + len(y))
+
+
+def metric_agreement(scores: dict, f1_of: dict[str, float], tie_gap: float, quality_limit: float | None) -> dict:
+    """Agreement with ground truth of the pairs the pipeline's pair rule builds from one metric's T2I scores
+    (scores: SCORES columns input_id, candidate_id, model, score, higher is better)."""
+    import pyarrow as pa
+
+    from cyclepref.pairs import PairRule, pair_task
+
+    n = len(scores["candidate_id"])
+    table = pa.table({"task": ["t2i"] * n, "input_id": scores["input_id"], "candidate_id": scores["candidate_id"],
+                      "model": scores["model"], "text": pa.nulls(n, pa.string()),
+                      "score": pa.array(scores["score"], pa.float64()), "metric": ["ablation"] * n,
+                      "direction": ["higher"] * n})
+    pairs, _ = pair_task(table, PairRule("higher", tie_gap, quality_limit, dedupe_texts=False))
+    return agreement(pairs.select(["preferred_id", "rejected_id", "margin"]).to_pydict(), f1_of)
 
 
 def read_table(path: Path, columns: list[str]) -> dict:
@@ -252,14 +309,19 @@ def markdown(report: dict, examples: list[str]) -> str:
     lines += ["", "By cycle-score margin (quartiles):", "", "| task | margin | agreement |", "|---|---|---|"]
     for task, a in report["agreement"].items():
         lines += [f"| {task} | {b['margin_low']:.4g} - {b['margin_high']:.4g} | {_fmt(b)} |" for b in a["by_margin"]]
-    lines += ["", "![agreement](sandbox/agreement.png)", "",
-              "## (b) Reward models on the frozen held-out benchmark", "",
+    lines += ["", "![agreement](sandbox/agreement.png)", ""]
+    lines += label_quality_markdown(report)
+    lines += ["## (b) Reward models on the frozen held-out benchmark", "",
               "Pairwise accuracy on data/benchmarks/sandbox (held-out scenes; candidates from the world models; the "
               "truly better candidate is the chosen one). `cycle` is raw cycle consistency on the same pairs.", "",
               "| task | scorer | accuracy |", "|---|---|---|"]
     for task, scores in report["benchmark"].items():
         lines += [f"| {task} | {name} | {_fmt(e)} |" for name, e in scores.items()]
-    lines += ["", "![benchmark](sandbox/benchmark.png)", "", "## Ladders: ground-truth quality of each model", "",
+    lines += ["", "`backbone-itc` / `backbone-itm`: the reward model's starting BLIP used zero-shot (contrastive cosine / "
+              "matching head); rows ending in `-dense` are judges pretrained on the world's complete dense captions, "
+              "an upper bound no real judge has.", "", "![benchmark](sandbox/benchmark.png)", ""]
+    lines += fit_markdown(report)
+    lines += ["", "## Ladders: ground-truth quality of each model", "",
               "| task | model | mean F1 of its candidates |", "|---|---|---|"]
     for task, models in report["ladder"].items():
         lines += [f"| {task} | {m} | {_fmt(e)} |" for m, e in models.items()]
@@ -271,6 +333,45 @@ def markdown(report: dict, examples: list[str]) -> str:
                                             for k in ("shape", "colour", "size", "position")) + ").", ""]
     lines += downstream_markdown(report)
     return "\n".join(lines + ["## Examples", "", *examples]) + "\n"
+
+
+def label_quality_markdown(report: dict) -> list[str]:
+    q, ablation = report.get("label_quality"), report.get("t2i_text_metric")
+    if not q:
+        return []
+    lines = ["## Cycle label quality", "",
+             "How faithful each cycle's backward model is, judged by parsing both sides: I2T decoder = every "
+             "reconstruction against the caption it was drawn from; T2I back-captioner = every back-caption against "
+             "the candidate image it describes.", "",
+             "| backward model | exact scene | object count | mean F1 |", "|---|---|---|---|"]
+    for name, e in (("I2T decoder (text-to-image)", q["i2t_decoder"]), ("T2I back-captioner", q["t2i_back_captioner"])):
+        lines.append(f"| {name} | {_fmt(e['exact_scene'])} | {_fmt(e['object_count'])} | {_fmt(e['f1'])} |")
+    if ablation:
+        lines += ["", "T2I text metric (the paper ablates the I2T image metric; this ablates the T2I text metric): "
+                  "agreement with ground truth of the pairs each metric yields under the pipeline's pair rule.", "",
+                  "| metric | pairs | agreement |", "|---|---|---|"]
+        lines += [f"| {m} | {a['pairs']} | {_fmt(a['overall'])} |" for m, a in ablation.items()]
+    return lines + [""]
+
+
+def fit_markdown(report: dict) -> list[str]:
+    fit = report.get("fit_to_teacher")
+    if not fit:
+        return []
+    lines = ["## Fit to the teacher", "",
+             "Agreement of each reward model with the cycle labels it was distilled from (the pipeline's pairs, per "
+             "split): a student far below 100% on train underfits its teacher.", "",
+             "| split | task | " + " | ".join(m for m in _reward_names(fit)) + " |",
+             "|---|---|" + "---|" * len(_reward_names(fit))]
+    for split, tasks in fit.items():
+        for task, scores in tasks.items():
+            lines.append(f"| {split} | {task} | " + " | ".join(_fmt(scores.get(m)) for m in _reward_names(fit)) + " |")
+    return lines + [""]
+
+
+def _reward_names(fit: dict) -> list[str]:
+    names = {n for tasks in fit.values() for scores in tasks.values() for n in scores if n.startswith("cyclereward")}
+    return sorted(names)
 
 
 def plot_best_of_n(best: dict, path: Path) -> Path:
@@ -298,12 +399,19 @@ def plot_best_of_n(best: dict, path: Path) -> Path:
 
 
 def before_after(downstream: dict) -> dict[str, dict]:
-    """(d) DPO of the captioner (i2t) and (e) Diffusion-DPO (t2i): before, after and the paired difference."""
+    """(d) DPO of the captioner (i2t) and (e) Diffusion-DPO (t2i): before, after and the paired difference; with the
+    SFT-on-chosen baseline's after (`sft`) and difference (`sft_delta`), and DPO minus SFT (`dpo_vs_sft`)."""
     out = {}
     for task, sec in downstream.get("tasks", {}).items():
-        out[task] = {k: {"value": sec.get(k), "ci95_low": sec.get(f"{k}_low"), "ci95_high": sec.get(f"{k}_high"),
-                         "n": sec.get("n")} for k in ("before", "after", "delta")}
+        out[task] = {k: _entry(sec, k) for k in ("before", "after", "delta")}
+        if "sft_baseline" in sec:
+            out[task] |= {"sft": _entry(sec["sft_baseline"], "after"), "sft_delta": _entry(sec["sft_baseline"], "delta"),
+                          "dpo_vs_sft": _entry(sec["dpo_vs_sft"], "delta")}
     return out
+
+
+def _entry(sec: dict, k: str) -> dict:
+    return {"value": sec.get(k), "ci95_low": sec.get(f"{k}_low"), "ci95_high": sec.get(f"{k}_high"), "n": sec.get("n")}
 
 
 def plot_before_after(ba: dict, path: Path) -> Path:
@@ -315,7 +423,9 @@ def plot_before_after(ba: dict, path: Path) -> Path:
     names = {"i2t": "(d) DPO of the captioner", "t2i": "(e) Diffusion-DPO"}
     fig, axes = plt.subplots(1, max(1, len(ba)), figsize=(3.6 * max(1, len(ba)), 3.2), squeeze=False)
     for ax, (task, e) in zip(axes[0], ba.items()):
-        _bar(ax, ["before", "after"], [e["before"], e["after"]], f"{names.get(task, task)}: ground-truth F1")
+        arms = [a for a in ("before", "after", "sft") if a in e]
+        _bar(ax, [{"after": "DPO", "sft": "SFT"}.get(a, a) for a in arms], [e[a] for a in arms],
+             f"{names.get(task, task)}: ground-truth F1")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -336,10 +446,14 @@ def downstream_markdown(report: dict) -> list[str]:
             lines.append(f"| {task} | {v} | " + " | ".join(cells) + f" | {gain} |")
     lines += ["", "![best-of-n](sandbox/best_of_n.png)", "", "## (d) DPO and (e) Diffusion-DPO", "",
               f"Judged by {report['downstream'].get('evaluator', '?')} on held-out inputs: i2t = caption F1 of the "
-              "DPO-trained captioner's greedy captions, t2i = image F1 of the Diffusion-DPO model's images.", "",
-              "| task | before | after | after - before |", "|---|---|---|---|"]
+              "DPO-trained captioner's greedy captions, t2i = image F1 of the Diffusion-DPO model's images. `SFT` is "
+              "the baseline trained on the same chosen captions / preferred images with the supervised loss alone; "
+              "`DPO - SFT` tells whether the preference term adds anything.", "",
+              "| task | before | DPO | DPO - before | SFT | SFT - before | DPO - SFT |", "|---|---|---|---|---|---|---|"]
     for task, e in before_after(report["downstream"]).items():
-        lines.append(f"| {task} | {_num(e['before'])} | {_num(e['after'])} | {_num(e['delta'], signed=True)} |")
+        sft = [_num(e[k], signed=k != "sft") if k in e else "n/a" for k in ("sft", "sft_delta", "dpo_vs_sft")]
+        lines.append(f"| {task} | {_num(e['before'])} | {_num(e['after'])} | {_num(e['delta'], signed=True)} | "
+                     + " | ".join(sft) + " |")
     return lines + ["", "![before-after](sandbox/before_after.png)", ""]
 
 
