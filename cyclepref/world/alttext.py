@@ -63,12 +63,3 @@ def alt_text(scene: tuple[WorldObject, ...], rng: random.Random, rates: AltTextR
     items = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return rng.choice(LIST_TEMPLATES).format(items=items) + rng.choice(("", "."))
 
-
-def alt_text_examples(n: int, seed: int):
-    """(image, alt-text, another alt-text) of the same `n` training scenes that the dense trainers see."""
-    from cyclepref.world.data import scenes
-    from cyclepref.world.scene import render
-
-    rng = random.Random(f"alt-text:{seed}")
-    for s in scenes("train", n, seed):
-        yield render(s), alt_text(s, rng), alt_text(s, rng)

@@ -46,6 +46,16 @@ def training_examples(n: int, seed: int) -> Iterator[tuple]:
         yield render(s), caption(s), paraphrase(s, rng)
 
 
+def alt_text_examples(n: int, seed: int) -> Iterator[tuple]:
+    """(image, alt-text, another alt-text) of the same `n` training scenes (cyclepref.world.alttext): what the
+    world's judges are pretrained on."""
+    from cyclepref.world.alttext import alt_text
+
+    rng = random.Random(f"alt-text:{seed}")
+    for s in scenes("train", n, seed):
+        yield render(s), alt_text(s, rng), alt_text(s, rng)
+
+
 def zero_unused_rows(embedding, used_ids) -> None:
     """Zero the embedding rows of tokens that never occur in the training texts: they hold only their random
     initialisation, and zeros keep the committed weights small (git compresses them away)."""

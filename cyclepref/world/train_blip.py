@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from cyclepref.models import tokenizers as tk
 from cyclepref.models.formats import CLIP_MEAN, CLIP_STD
-from cyclepref.world.alttext import alt_text_examples
-from cyclepref.world.data import training_examples, zero_unused_rows
+from cyclepref.world.data import alt_text_examples, training_examples, zero_unused_rows
 from cyclepref.world.optimise import optimise
 from cyclepref.world.scene import IMAGE_SIZE
 
