@@ -233,3 +233,29 @@ def test_genai_arena_votes_converter(tmp_path):
     assert second.prompt == "a dog" and second.chosen.getpixel((0, 0)) == (4, 4, 4)
     assert t2i.records[1]["meta"] == {"vote_type": "rightvote", "chosen_model": "C", "rejected_model": "A"}
     assert len(t2i) == 2
+
+
+def test_backbone_zero_shot_scores_are_the_itm_margin_and_the_itc_cosine(zoo):
+    import torch
+    from transformers import AutoProcessor, BlipForImageTextRetrieval
+
+    from cyclepref.reward.evaluate import BackboneScorer
+
+    path = str(zoo / "tiny-blip-itm")
+    pairs = colour_pairs("i2t", 6, seed=2)
+    examples = [pairs.example(i) for i in range(6)]
+    itm, itc = BackboneScorer("itm", path, "itm"), BackboneScorer("itc", path, "itc")
+    model = BlipForImageTextRetrieval.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    e = examples[0]
+    with torch.no_grad():
+        batch = processor(images=[e.image.convert("RGB")], text=[e.rejected], return_tensors="pt")
+        logits = model(**batch, use_itm_head=True).itm_score[0]
+        cosine = model(**batch, use_itm_head=False).itm_score[0, 0]
+    chosen, rejected = itm.score(examples)
+    assert chosen.shape == (6,) and rejected[0] == pytest.approx(float(logits[1] - logits[0]), abs=1e-4)
+    assert itc.score(examples)[1][0] == pytest.approx(float(cosine), abs=1e-4)
+    t2i = [colour_pairs("t2i", 3, seed=1).example(i) for i in range(3)]
+    assert itc.score(t2i)[0].shape == (3,)
+    with pytest.raises(ValueError, match="itm' or 'itc"):
+        BackboneScorer("x", path, "cosine")

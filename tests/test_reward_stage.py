@@ -77,6 +77,8 @@ def test_stages_train_evaluate_log_and_score_from_the_registry(zoo, mlflow_uri, 
             "models": [{"name": "combo", "path": model_dir("combo")}],
             "benchmarks": [{"name": "colours", "path": bench}],
             "clip": str(zoo / "tiny-open-clip"),
+            "baselines": [{"name": "backbone-itm", "kind": "blip_itm", "path": str(zoo / "tiny-blip-itm")}],
+            "fit_splits": ["train"],
             "batch_size": 4,
         },
     )
@@ -113,7 +115,8 @@ def test_stages_train_evaluate_log_and_score_from_the_registry(zoo, mlflow_uri, 
     report = json.loads((root / REPORTS["eval"]).read_text())
     test = report["test"]
     assert test["i2t"]["pairs"] == 1 and test["t2i"]["pairs"] == 6
-    assert set(test["t2i"]) == {"pairs", "combo", "clipscore", "random", "cycle"}
+    assert set(test["t2i"]) == {"pairs", "combo", "clipscore", "backbone-itm", "random", "cycle"}
+    assert set(report["train"]) == {"i2t", "t2i"} and "combo" in report["train"]["t2i"]
     assert test["t2i"]["cycle"]["accuracy"] == 1.0 and test["t2i"]["cycle"]["n"] == 6
     colours = report["colours"]
     assert colours["i2t"]["pairs"] == colours["t2i"]["pairs"] == 4
