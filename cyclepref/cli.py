@@ -37,13 +37,14 @@ def _checked(path: Path, dvc_file: Path):
     """The params of `path`, valid against the schema and holding every section dvc_file's stages read; else exit 2
     with every bad key or missing section and why."""
     from cyclepref.config import ParamsError, load_params
-    from cyclepref.profiles import require_pinned, require_sections
+    from cyclepref.profiles import require_pinned, require_pinned_datasets, require_sections
 
     try:
         params = load_params(path)
         if dvc_file.exists():
             require_sections(params, dvc_file, str(path))
         require_pinned(params, str(path), Path.cwd())
+        require_pinned_datasets(params, str(path))
     except ParamsError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None

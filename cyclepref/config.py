@@ -453,6 +453,23 @@ class RewardModelEntry(Section):
 class RewardBenchmark(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     path: str = Field(min_length=1, description="Pairs jsonl in the pair format of cyclepref.reward.benchmarks.")
+    dataset: str | None = Field(None, description="The `datasets` entry (pinned published data) it is converted from.")
+
+
+class DatasetPin(Section):
+    """Published data the profile reads, pinned like models: a Hugging Face dataset at a commit, or an archive URL
+    with its sha256 (cyclepref.profiles.unpinned_datasets refuses either without its pin)."""
+
+    hub: str | None = Field(None, description="Hugging Face dataset id (org/name).")
+    revision: str | None = Field(None, description="hub: the dataset repository's 40-hex commit hash.")
+    url: str | None = Field(None, description="An archive's download URL.")
+    sha256: str | None = Field(None, description="url: the archive's sha256, as its publisher gives it.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetPin:
+        if (self.hub is None) == (self.url is None):
+            raise ValueError("a dataset is either `hub` (with `revision`) or `url` (with `sha256`)")
+        return self
 
 
 class RewardBaseline(Section):
@@ -757,6 +774,15 @@ class Params(Section):
     diffusion_dpo: DiffusionDpo | None = None
     evaluate_downstream: EvaluateDownstream | None = None
     retrain: Retrain | None = None
+    datasets: dict[str, DatasetPin] | None = None
+
+    @model_validator(mode="after")
+    def _benchmark_datasets(self) -> Params:
+        named = [b.dataset for b in (self.evaluate_reward.benchmarks if self.evaluate_reward else [])]
+        unknown = sorted({d for d in named if d is not None and d not in (self.datasets or {})})
+        if unknown:
+            raise ValueError(f"evaluate_reward.benchmarks name dataset(s) not in `datasets`: {', '.join(unknown)}")
+        return self
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Params:

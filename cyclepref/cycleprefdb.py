@@ -2,23 +2,39 @@
 train on the published data instead of regenerating it.
 
 Layouts read (one directory per task), per split train / valid / test, the first file found of:
-- `<split>.jsonl`: the Hub datasets carolineec/CyclePrefDB-I2T and carolineec/CyclePrefDB-T2I (confirmed: the files
-  train.jsonl and valid.jsonl on their file pages; a loading script CyclePrefDB_I2T.py builds the train / validation /
-  test splits from these metadata files plus extracted image archives; the I2T reconstructions are a separate
-  dataset, carolineec/CyclePrefDB-I2T-Reconstructions, as .tar / split .tar.gz archives, not needed here).
-- `<split>_rankings.json`: a JSON list, as the authors' make_dataset.py writes it (hjbahng/cyclereward).
-- `<split>.json`: a JSON list, the name the authors' train code reads (dataset/dataset.py).
+- `<split>.jsonl`: the Hub datasets carolineec/CyclePrefDB-I2T and carolineec/CyclePrefDB-T2I. Confirmed: the file
+  pages of train.jsonl and valid.jsonl of both (I2T valid.jsonl 1.63 MB, T2I valid.jsonl 1.86 MB); no page of a
+  test.jsonl was seen (a test file is read when present). The I2T dataset card (commit 435d914 of the card) says
+  each record gives the path to its reconstructed images in a field named "reconstr..." (the stored copy is cut
+  there); the reconstructions themselves are carolineec/CyclePrefDB-I2T-Reconstructions (.tar / split .tar.gz).
+- `<split>_rankings.json`: a JSON list, as the authors' make_dataset.py writes it (hjbahng/cyclereward at
+  36e10773d1385ed57d3cecf15a352d48705fd0fe, confirmed).
+- `<split>.json`: a JSON list, the name the authors' train code reads (dataset/dataset.py, confirmed).
 
-One record per input with all its candidates and their cycle scores, the fields make_dataset.py writes and
-dataset/dataset.py pairs up:
+Per-input records (one per input with all its candidates and their cycle scores; the Hub files' sizes fit this, about
+4-5 KB a record), the fields make_dataset.py writes and dataset/dataset.py pairs up (confirmed there):
 
     I2T: {"input": "<image path>", "generations": ["<caption>", ...], "scores": [<DreamSim distance>, ...]}
     T2I: {"input": "<prompt>", "generations": ["<image path>", ...], "scores": [<SBERT similarity>, ...]}
 
-Not confirmed: the field names inside the Hub jsonl files (the dataset card's format block is not in any stored
-copy seen here) and the image paths they hold; hence the aliases: input = image | prompt | real_image | real_text;
-generations = candidates; scores = dreamsim | sbert_score | sbert (the per-item keys of generate.py's results).
-Optional "models": [<model name>, ...] aligned with "generations" (without it: "generation-<k>", by position).
+Not confirmed: the field names inside the Hub jsonl files (the card's field list is not in any stored copy seen here
+beyond the reconstruction field) and the image paths they hold; hence the aliases: input = image | prompt |
+real_image | real_text; generations = candidates; scores = dreamsim | sbert_score | sbert (the per-item keys of
+generate.py's results); the card's reconstruction paths = reconstructions | reconstruction | recons (optional, a
+list aligned with "generations"; checked for its length, not read: the published scores are used as they are).
+Optional "models": [<model name>, ...] aligned with "generations" (without it: "generation-<k>", by position). A
+record with none of the input keys stops the import with the keys it has. Pairs are then built by the project's
+own rule (build_pairs), not the authors' thresholds.
+
+Per-pair records, the dicts dataset/dataset.py `make_data` builds (DATA_KEY_MAPPING, confirmed there):
+
+    I2T: {"image": "<image path>", "preferred_text": "<caption>", "rejected_text": "<caption>"}
+    T2I: {"prompt": "<prompt>", "preferred_image": "<image path>", "rejected_image": "<image path>"}
+
+carry no scores, so they cannot go through build_pairs: `--pairs-out DIR` writes them in the pair format of
+cyclepref.reward.benchmarks (DIR/<task>/pairs.jsonl + images/), usable as an evaluate_reward benchmark. A directory
+of per-pair records imported without --pairs-out stops with that hint.
+
 Image paths are resolved against `images_root` (default: the directory of the file, where the extracted archives
 go) and must stay inside it (an image path that leads out is quarantined).
 
@@ -58,6 +74,9 @@ METRICS = {"i2t": "dreamsim", "t2i": "sbert"}
 INPUT_KEYS = ("input", "image", "prompt", "real_image", "real_text")
 GENERATION_KEYS = ("generations", "candidates")
 SCORE_KEYS = ("scores", "dreamsim", "sbert_score", "sbert")
+RECONSTRUCTION_KEYS = ("reconstructions", "reconstruction", "recons")
+PAIR_KEYS = {"i2t": ("image", "preferred_text", "rejected_text"), "t2i": ("prompt", "preferred_image", "rejected_image")}
+"""dataset/dataset.py DATA_KEY_MAPPING: (input, preferred, rejected) of a per-pair record."""
 SOURCE_TAG = "cycleprefdb"
 
 
@@ -169,11 +188,17 @@ def read_task(
         root = Path(images_root) if images_root else path.parent
         for where, row in iter_records(path):
             source = f"{SOURCE_TAG}-{task}/{where}"
+            if is_pair_record(task, row):
+                raise CyclePrefDBError(f"{where}: a per-pair record ({', '.join(PAIR_KEYS[task])}) has no scores; "
+                                       "convert the directory with --pairs-out DIR")
             raw_input = _pick(row, INPUT_KEYS, where)
             generations = list(_pick(row, GENERATION_KEYS, where))
             scores = list(_pick(row, SCORE_KEYS, where))
             if len(scores) != len(generations):
                 raise CyclePrefDBError(f"{where}: {len(scores)} scores for {len(generations)} generations")
+            recons = next((row[k] for k in RECONSTRUCTION_KEYS if k in row), None)
+            if recons is not None and (not isinstance(recons, list) or len(recons) != len(generations)):
+                raise CyclePrefDBError(f"{where}: reconstructions must be a list of {len(generations)} paths")
             item = _image_item(source, root, raw_input) if task == "i2t" else inp.RawItem(
                 source, image=None, prompt=raw_input
             )
@@ -209,6 +234,42 @@ def read_task(
                      "direction": DIRECTIONS[metric]}
                 )
     return out
+
+
+def is_pair_record(task: str, row: dict) -> bool:
+    return all(k in row for k in PAIR_KEYS[task][1:])
+
+
+def convert_pair_records(task: str, directory: str | Path, out: str | Path,
+                         images_root: str | Path | None = None) -> dict[str, int]:
+    """Per-pair records of one task -> OUT/pairs.jsonl + OUT/images/ in the pair format of
+    cyclepref.reward.benchmarks; a record with an unreadable or outside image is skipped and counted."""
+    from cyclepref.reward.benchmarks import PairWriter
+
+    writer = PairWriter(Path(out))
+    counts = {"pairs": 0, "skipped": 0}
+    source_key, good_key, bad_key = PAIR_KEYS[task]
+    for path in split_files(Path(directory)):
+        root = Path(images_root) if images_root else path.parent
+        for where, row in iter_records(path):
+            if not is_pair_record(task, row) or source_key not in row:
+                raise CyclePrefDBError(f"{where}: not a per-pair {task} record ({', '.join(PAIR_KEYS[task])}); "
+                                       f"has {sorted(row)}")
+            try:
+                if task == "i2t":
+                    fields = {"image": writer.image(inside(root, str(row["image"])).read_bytes()),
+                              "chosen": str(row[good_key]).strip(), "rejected": str(row[bad_key]).strip()}
+                else:
+                    fields = {"prompt": str(row["prompt"]).strip(),
+                              "chosen": writer.image(inside(root, str(row[good_key])).read_bytes()),
+                              "rejected": writer.image(inside(root, str(row[bad_key])).read_bytes())}
+            except (OutsideRoot, OSError, ValueError):
+                counts["skipped"] += 1
+                continue
+            writer.write({"id": f"{SOURCE_TAG}-{task}/{where}", "task": task, **fields})
+    writer.close()
+    counts["pairs"] = writer.count
+    return counts
 
 
 def _write(table: pa.Table, path: Path, schema: pa.Schema, rows_per_shard: int = 500) -> list[Path]:
@@ -275,9 +336,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--t2i", type=Path, help="directory with the CyclePrefDB-T2I files")
     parser.add_argument("--images-root", type=Path, help="resolve image paths here (default: beside each file)")
     parser.add_argument("--root", type=Path, default=Path("."), help="project root to write the tables under")
+    parser.add_argument("--pairs-out", type=Path, help="per-pair records: write DIR/<task>/pairs.jsonl instead")
     args = parser.parse_args(argv)
     try:
-        counts = import_cycleprefdb(args.root, args.i2t, args.t2i, args.images_root)
+        if args.pairs_out is not None:
+            counts = {f"{task}_{k}": v for task, d in (("i2t", args.i2t), ("t2i", args.t2i)) if d is not None
+                      for k, v in convert_pair_records(task, d, args.pairs_out / task, args.images_root).items()}
+        else:
+            counts = import_cycleprefdb(args.root, args.i2t, args.t2i, args.images_root)
     except (CyclePrefDBError, FileNotFoundError) as err:
         raise SystemExit(f"cycleprefdb: {err}") from None
     print("cycleprefdb: " + ", ".join(f"{k}={v}" for k, v in counts.items()))

@@ -27,6 +27,10 @@ The T2I input text (params `prepare_inputs.dci_text`):
   (hjbahng/cyclereward, generate.py).
 Either way the human caption is short_caption + extra_caption. Not confirmed: whether every alternate summary fits
 77 tokens (hence the check), and the file names inside the release tarball beyond what the loader code reads.
+The release archive (DCI_ARCHIVE_URL, extracted beside `densely_captioned_images/`): when `dci.tar.gz` is kept there,
+the loader first checks it against DCI_ARCHIVE_SHA256, the digest DCI's download script publishes
+(dataset/densely_captioned_images/dataset/scripts/download.py, changed in commit 5e8939319b91a68bf02a1cc78472e522e78a25d0
+"Update download.py checksum"; the first release's digest 9caff10c... no longer matches the served file).
 
 Every raw item becomes either a normalised input or a quarantine record (source, reason; a texts line is named
 `<file>:<line>`), so raw items = inputs + quarantined, always. Paths named by data or found under the folder are read
@@ -289,8 +293,29 @@ def dci_summary(entry: dict) -> str:
     raise InvalidInput(f"no summaries['base'] text fits {CLIP_TOKENS} CLIP tokens ({len(texts)} given)")
 
 
+DCI_ARCHIVE_URL = "https://dl.fbaipublicfiles.com/densely_captioned_images/dci.tar.gz"
+DCI_ARCHIVE_SHA256 = "d865c244150168d3f25daaad0bf5b70b2123cf3e83ca7b0e207d5b26943c5fc7"
+
+
+def verify_dci_archive(path: Path, expected: str = DCI_ARCHIVE_SHA256) -> None:
+    """Raise ValueError unless the archive's sha256 is the one DCI's download script publishes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise ValueError(f"{path}: sha256 {digest.hexdigest()}, but DCI's download script publishes {expected} "
+                         f"for {DCI_ARCHIVE_URL}: not the DCI release")
+
+
 def iter_dci(root: Path, text: str, split: str) -> Iterator[RawItem]:
-    """The DCI release (DCI_LAYOUT): summaries from complete/, short captions from annotations/."""
+    """The DCI release (DCI_LAYOUT): summaries from complete/, short captions from annotations/; the release
+    archive is verified first when it is kept beside the extracted folder."""
+    archive = root.parent / DCI_ARCHIVE_URL.rsplit("/", 1)[1]
+    if archive.is_file():
+        verify_dci_archive(archive, DCI_ARCHIVE_SHA256)
     folder = "complete" if text == "summary" else "annotations"
     photos, entries = root / "photos", root / folder
     for d in (photos, entries):

@@ -5,6 +5,8 @@
 - Pinned models: every hub model carries a revision that is a commit hash (a `revision` key, or `@<commit>` after an
   `hf-hub:` id), so that the item keys name exact weights and a changed hub repository never goes unnoticed. A local
   directory needs none: its item key is the hash of its files.
+- Pinned datasets: every entry of `datasets` (published data: DetailCaps, GenAI-Bench, CyclePrefDB, DCI) carries its
+  pin, a commit hash for a hub dataset or a sha256 for an archive URL (`unpinned_datasets`).
 """
 
 from __future__ import annotations
@@ -168,3 +170,25 @@ def undeclared_inputs(params: Params, dvc_file: str | Path) -> list[str]:
             if not any(norm == d.rstrip("/") or norm.startswith(d.rstrip("/") + "/") for d in deps):
                 found.append(f"{stage}: {key} = {path} is not among its deps in {dvc_file}")
     return found
+
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def unpinned_datasets(params: Params) -> list[str]:
+    """`datasets.<name>: why` for every published dataset of the profile without its pin."""
+    found = []
+    for name, pin in sorted((params.datasets or {}).items()):
+        if pin.hub is not None and not COMMIT.match(pin.revision or ""):
+            found.append(f"datasets.{name}: hub dataset {pin.hub} needs `revision: <40-hex commit hash>` "
+                         f"(got {pin.revision!r})")
+        if pin.url is not None and not SHA256.match(pin.sha256 or ""):
+            found.append(f"datasets.{name}: {pin.url} needs `sha256: <64-hex digest>` (got {pin.sha256!r})")
+    return found
+
+
+def require_pinned_datasets(params: Params, source: str) -> None:
+    """Raise ParamsError naming every published dataset of the profile without its pin."""
+    found = unpinned_datasets(params)
+    if found:
+        raise ParamsError(f"{source}: unpinned dataset(s):\n" + "\n".join(f"  {line}" for line in found))

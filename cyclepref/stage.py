@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cyclepref.config import Params, ParamsError, load_params
-from cyclepref.profiles import require_pinned, require_sections, stage_sections
+from cyclepref.profiles import require_pinned, require_pinned_datasets, require_sections, stage_sections
 
 DVC_FILE = "dvc.yaml"
 
@@ -19,8 +19,8 @@ log = logging.getLogger("cyclepref")
 
 def main(stage: str, run: Callable[[Params, Path], dict], params_path: str = "params.yaml") -> dict:
     """Run `run(params, root)` for one stage inside its MLflow run; exit 2 with one line on a params error, including
-    a section that dvc.yaml lists for this stage but the profile lacks, or a hub model of its sections without a commit
-    hash."""
+    a section that dvc.yaml lists for this stage but the profile lacks, a hub model of its sections without a commit
+    hash, or a published dataset of the profile without its pin."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(os.environ.get("CYCLEPREF_LOG_LEVEL", "INFO"))
     root = Path.cwd()
@@ -29,6 +29,7 @@ def main(stage: str, run: Callable[[Params, Path], dict], params_path: str = "pa
         if (root / DVC_FILE).exists():
             require_sections(params, root / DVC_FILE, params_path, [stage])
             require_pinned(params, params_path, root, stage_sections(root / DVC_FILE).get(stage, set()))
+        require_pinned_datasets(params, params_path)
     except ParamsError as err:
         print(f"{stage}: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None

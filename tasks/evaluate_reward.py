@@ -3,6 +3,8 @@
 
 Outputs: reports/reward/eval.json (numbers only), reports/reward/eval.md (readable, with the notes on the baselines);
 both, plus the full report, in the stage's MLflow run; reports/metrics/evaluate_reward_<task>.json (DVC metric).
+A benchmark with a ratings.jsonl beside its pairs (GenAI-Bench) also gets the reference metric of t2v_metrics
+(cyclepref.reward.benchmarks.tie_calibrated_accuracy) in eval.md and the MLflow run.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def run(params: Params, root: Path) -> dict:
 
     from cyclepref import runtime
     from cyclepref.models.similarity import ImageEmbedder
-    from cyclepref.reward.benchmarks import TASKS, load_benchmark
+    from cyclepref.reward.benchmarks import TASKS, load_benchmark, reference_accuracies, reference_markdown
     from cyclepref.reward.data import open_source
     from cyclepref.reward.evaluate import (
         BackboneScorer,
@@ -70,8 +72,11 @@ def run(params: Params, root: Path) -> dict:
             if cfg.data.source == "hf_datasets" and getattr(cfg.data, f"{task}_path") is None:
                 continue
             sections[split][task] = source.pairs(task, split)
+    ratings = {}
     for bench in cfg.benchmarks:
         sections[bench.name] = load_benchmark(root / bench.path)
+        if (root / bench.path).with_name("ratings.jsonl").is_file():
+            ratings[bench.name] = (root / bench.path).with_name("ratings.jsonl")
 
     results: dict[str, dict] = {}
     for section, pairsets in sections.items():
@@ -82,8 +87,10 @@ def run(params: Params, root: Path) -> dict:
                 "pairs": len(pairset),
                 "scores": {name: (a.as_dict() if a is not None else None) for name, a in accs.items()},
             }
+    reference = {name: reference_accuracies(path, scorers, cfg.batch_size) for name, path in ratings.items()}
     report = {
         "results": results,
+        "reference": reference,
         "models": {m.name: m.path for m in cfg.models},
         "clip": cfg.clip,
         "notes": NOTES | {"sections": f"'{cfg.split}', {cfg.fit_splits} = the pipeline's splits (labels = the cycle "
@@ -95,9 +102,11 @@ def run(params: Params, root: Path) -> dict:
     metrics.write_parts(root, "evaluate_reward", headline, metrics.TASKS)
     md = root / REPORTS["eval_md"]
     with store.atomic_path(md) as tmp:
-        tmp.write_text(report_markdown(report))
+        tmp.write_text(report_markdown(report) + reference_markdown(reference))
     if mlflow.active_run() is not None:
         mlflow.log_metrics(flat_metrics(report))
+        mlflow.log_metrics({f"{bench}.t2i_reference.{name}.pairwise_acc_tie_calibrated": r[
+            "pairwise_acc_tie_calibrated"] for bench, by_scorer in reference.items() for name, r in by_scorer.items()})
         mlflow.log_dict(report, "eval_report.json")
         mlflow.log_artifact(str(md))
     summary: dict = {}

@@ -200,6 +200,39 @@ def test_cycleprefdb_layout_errors_are_named(tmp_path):
         cycleprefdb.read_task("t2i", tmp_path / "nowhere")
 
 
+def test_cycleprefdb_card_reconstruction_paths_are_checked_not_read(tmp_path):
+    """The I2T card's per-record reconstruction paths (the fixture's first I2T record has them; no file exists)."""
+    first = json.loads((FIXTURE / "i2t" / "train.jsonl").read_text().splitlines()[0])
+    assert len(first["reconstructions"]) == len(first["generations"])
+    shutil.copytree(FIXTURE / "i2t" / "images", tmp_path / "images")
+    (tmp_path / "train.jsonl").write_text(json.dumps({**first, "reconstructions": first["reconstructions"][:2]}))
+    with pytest.raises(cycleprefdb.CyclePrefDBError, match="train.jsonl:1: reconstructions must be a list of 4"):
+        cycleprefdb.read_task("i2t", tmp_path)
+
+
+def test_cycleprefdb_per_pair_records_become_a_pair_file(tmp_path):
+    """The per-pair dicts of the authors' dataset/dataset.py make_data (DATA_KEY_MAPPING)."""
+    shutil.copytree(FIXTURE / "t2i" / "images", tmp_path / "t2i" / "images")
+    shutil.copytree(FIXTURE / "i2t" / "images", tmp_path / "i2t" / "images")
+    (tmp_path / "i2t" / "train.json").write_text(json.dumps([
+        {"image": "images/photo0.png", "preferred_text": "a red square", "rejected_text": "a blue circle"},
+        {"image": "images/gone.png", "preferred_text": "a", "rejected_text": "b"}]))
+    (tmp_path / "t2i" / "valid.jsonl").write_text(json.dumps(
+        {"prompt": "a red square", "preferred_image": "images/t0.png", "rejected_image": "images/t2.png"}) + "\n")
+    with pytest.raises(cycleprefdb.CyclePrefDBError, match=r"train.json\[0\]: a per-pair record.*--pairs-out"):
+        cycleprefdb.read_task("i2t", tmp_path / "i2t")
+    cycleprefdb.main(["--i2t", str(tmp_path / "i2t"), "--t2i", str(tmp_path / "t2i"), "--pairs-out",
+                      str(tmp_path / "out")])
+    from cyclepref.reward.benchmarks import load_benchmark
+
+    i2t = load_benchmark(tmp_path / "out" / "i2t" / "pairs.jsonl")["i2t"]
+    t2i = load_benchmark(tmp_path / "out" / "t2i" / "pairs.jsonl")["t2i"]
+    assert [(r["chosen"], r["rejected"]) for r in i2t.records] == [("a red square", "a blue circle")]
+    assert t2i.example(0).chosen.getpixel((0, 0)) == (255, 0, 0) and t2i.example(0).prompt == "a red square"
+    with pytest.raises(cycleprefdb.CyclePrefDBError, match="not a per-pair t2i record"):
+        cycleprefdb.convert_pair_records("t2i", FIXTURE / "t2i", tmp_path / "x")
+
+
 # ---------------------------------------------------------------- the stages
 
 

@@ -194,7 +194,8 @@ def test_genai_bench_ratings_converter(tmp_path):
     src.mkdir()
     write_genai_bench(src)
     stats = convert_genai_bench(src, tmp_path / "out")
-    assert stats == {"pairs": 3, "prompts": 2, "skipped_tied_pairs": 1, "skipped_unrated_or_missing_images": 1}
+    assert stats == {"pairs": 3, "prompts": 2, "rated_images": 5, "skipped_tied_pairs": 1,
+                     "skipped_unrated_or_missing_images": 1}
     t2i = load_benchmark(tmp_path / "out" / "pairs.jsonl")["t2i"]
     got = {(r["prompt"], r["meta"]["chosen_model"], r["meta"]["rejected_model"]) for r in t2i.records}
     assert got == {("a cat on a mat", "DALLE_3", "SDXL_Turbo"), ("a cat on a mat", "Midjourney_6", "SDXL_Turbo"),

@@ -319,3 +319,30 @@ def test_a_saved_model_does_not_record_how_it_was_loaded(model, tmp_path):
     loaded = RewardModel.from_pretrained(saved)
     image = Image.new("RGB", (32, 32), "red")
     torch.testing.assert_close(loaded.score([image], ["a red square"]), model.score([image], ["a red square"]))
+
+
+def test_authors_key_set_from_their_module_definitions_loads_and_only_benign_differences_pass(backbone, tmp_path):
+    """A state dict with exactly the key set of the authors' modules (tests/fixtures/authors_modules.py): it loads;
+    the persistent text position_ids buffer may be absent (a save without it) or present; any other missing or
+    unexpected key is refused with every such key named (the authors' own load_state_dict(strict=False) would drop
+    them silently)."""
+    from fixtures.authors_modules import CycleReward
+
+    torch.manual_seed(0)
+    authors = CycleReward(**TINY).state_dict()
+    assert set(authors) == set(authors_state_dict(**TINY)), "the fixture's key set is the authors' key set"
+    assert "blip.text_encoder.embeddings.position_ids" in authors
+    for name, sd in {"full": authors,
+                     "no_position_ids": {k: v for k, v in authors.items() if not k.endswith("position_ids")}}.items():
+        torch.save(sd, tmp_path / f"{name}.pth")
+        m = load_authors_checkpoint(tmp_path / f"{name}.pth", backbone)
+        assert torch.equal(m.state_dict()["head.layers.8.bias"], authors["mlp.layers.8.bias"])
+    dropped = sorted(k for k in authors if ".encoder.layer.1.crossattention." in k)
+    extra = {f"blip.itm_head.{i}.weight": torch.zeros(1) for i in range(10)}
+    cases = {"missing": ({k: v for k, v in authors.items() if k not in dropped}, [
+        k.replace("blip.text_encoder.", "text_encoder.") for k in dropped]), "unexpected": ({**authors, **extra}, extra)}
+    for name, (sd, keys) in cases.items():
+        torch.save(sd, tmp_path / f"{name}.pth")
+        with pytest.raises(AuthorsCheckpointError) as err:
+            load_authors_checkpoint(tmp_path / f"{name}.pth", backbone)
+        assert len(keys) > 8 and all(k in str(err.value) for k in keys), str(err.value)

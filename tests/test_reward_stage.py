@@ -61,6 +61,10 @@ def test_stages_train_evaluate_log_and_score_from_the_registry(zoo, mlflow_uri, 
     (root / "reports" / "dq" / "pairs.json").write_text(json.dumps({"success": False, "gate": "pairs",
                                                                      "table": "pairs", "rows": 0, "checks": {}}))
     bench = write_benchmark(root)
+    pairs = [json.loads(line) for line in (root / bench).read_text().splitlines()]
+    ratings = [{"id": f"{r['id']}:{side}", "prompt": r["prompt"], "image": r[side], "human": human}
+               for r in pairs if r["task"] == "t2i" for side, human in (("chosen", 2.0), ("rejected", 1.0))]
+    (root / bench).with_name("ratings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ratings))
     write_params(
         root,
         train_reward={
@@ -124,6 +128,11 @@ def test_stages_train_evaluate_log_and_score_from_the_registry(zoo, mlflow_uri, 
     assert "label-agreement reference" in (root / REPORTS["eval_md"]).read_text()
     eval_run = client.get_run(ev["mlflow_run_id"])
     assert "test.t2i.combo.accuracy" in eval_run.data.metrics
+    assert "colours.t2i_reference.combo.pairwise_acc_tie_calibrated" in eval_run.data.metrics
+    md = (root / REPORTS["eval_md"]).read_text()
+    assert "## colours / t2i, reference metric" in md and "| random |" in md.split("reference metric")[1]
+    reference = mlflow.artifacts.load_dict(f"runs:/{ev['mlflow_run_id']}/eval_report.json")["reference"]
+    assert reference["colours"]["clipscore"]["images"] == 8
     full = mlflow.artifacts.load_dict(f"runs:/{ev['mlflow_run_id']}/eval_report.json")
     assert "label-agreement" in full["notes"]["cycle"]
 

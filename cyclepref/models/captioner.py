@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -162,10 +164,84 @@ def internvl_pixels(image: Image.Image, tile: int, min_num: int, max_num: int, t
     return torch.stack(out)
 
 
+SAMPLING_KEYS = {"temperature", "top_p", "top_k"}
+
+
+def next_token(logits: torch.Tensor, sample: dict) -> torch.Tensor:
+    """Greedy argmax, or a draw from the temperature / top-k / top-p (nucleus) filtered distribution, as
+    transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper filter it (in that order)."""
+    if not sample:
+        return logits.argmax(-1)
+    logits = logits / float(sample.get("temperature", 1.0))
+    top_k = int(sample.get("top_k") or 0)
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_p = float(sample.get("top_p", 1.0))
+    if top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=False)
+        drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1:] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+
+
+def _cache_of(output):
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else output.past_key_values
+
+
+@torch.no_grad()
+def cached_decode(lm, inputs_embeds, attention_mask, max_new_tokens: int, eos_token_id: int | None = None,
+                  do_sample: bool = False, pad_token_id: int | None = None, **kwargs) -> torch.Tensor:
+    """`generate` for a remote-code causal LM that has none (InternVL2's InternLM2ForCausalLM on transformers >=
+    4.50): decodes from `inputs_embeds` over the model's own forward with its legacy tuple cache (`past_key_values`),
+    position ids from the attention mask as the model's prepare_inputs_for_generation builds them. Returns the new
+    tokens only (batch, <= max_new_tokens), as `generate(inputs_embeds=...)` does; a finished row is padded."""
+    kwargs.pop("generation_config", None), kwargs.pop("output_hidden_states", None), kwargs.pop("use_cache", None)
+    unknown = set(kwargs) - SAMPLING_KEYS
+    if unknown:
+        raise ValueError(f"cached_decode: unsupported generation arguments {sorted(unknown)}")
+    sample = {k: v for k, v in kwargs.items() if v is not None} if do_sample else {}
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    batch = inputs_embeds.shape[0]
+    mask = attention_mask.long()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    step = {"inputs_embeds": inputs_embeds, "position_ids": positions}
+    cache, done, out = None, torch.zeros(batch, dtype=torch.bool, device=mask.device), []
+    for _ in range(max_new_tokens):
+        result = lm(**step, attention_mask=mask, past_key_values=cache, use_cache=True, return_dict=True)
+        cache = _cache_of(result)
+        token = next_token(result.logits[:, -1, :].float(), sample).masked_fill(done, pad)
+        out.append(token)
+        done |= token == eos_token_id
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        step = {"input_ids": token[:, None], "position_ids": step["position_ids"][:, -1:] + 1}
+    return torch.stack(out, dim=1) if out else torch.empty(batch, 0, dtype=torch.long, device=mask.device)
+
+
+def give_generate(lm) -> bool:
+    """InternVL2's InternLM2ForCausalLM derives from PreTrainedModel only; since transformers 4.50 that no longer
+    brings GenerationMixin, so `InternVLChatModel.generate` fails on `self.language_model.generate`. The LM gets
+    `cached_decode` as its `generate` (the remote prepare_inputs_for_generation speaks the legacy `past_key_values`
+    API, which transformers' own generate no longer feeds). True when the LM needed it."""
+    from transformers import GenerationMixin
+
+    if isinstance(lm, GenerationMixin):
+        return False
+    lm.generate = functools.partial(cached_decode, lm)
+    return True
+
+
 class InternVLCaptioner:
-    """InternVL2 through its repository code (AutoModel + trust_remote_code), as its model card runs it: the
-    slow tokenizer, dynamic tiling with a thumbnail, and `batch_chat` (which builds the conversation prompt,
-    expands <image> into <img><IMG_CONTEXT>*n</img>, left-pads and decodes). Same contract as Captioner."""
+    """InternVL2 through its repository code (AutoModel + trust_remote_code), as its model card runs it: the slow
+    tokenizer, dynamic tiling with a thumbnail, the conversation template of the repository's conversation.py
+    (`get_conv_template(model.template)` with the model's system message), <image> expanded into
+    <img><IMG_CONTEXT>*n</img>, left padding, and the model's own `generate` (vision features merged into the LM's
+    input embeddings). `batch_chat` itself is not called: the pinned snapshots move its inputs with `.cuda()`.
+    Same contract as Captioner."""
 
     def __init__(self, spec: CaptionerSpec, device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
@@ -178,16 +254,29 @@ class InternVLCaptioner:
             self.tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False, **kw)
             self.model = AutoModel.from_pretrained(path, **runtime.load_kwargs(spec.family, spec.dtype, device), **kw)
             self.model = self.model.to(device).eval()
+            self.template = sys.modules[type(self.model).__module__].get_conv_template(self.model.template)
         except Exception as err:
             raise load_failed(spec.path, err) from err
+        give_generate(self.model.language_model)
         cfg = self.model.config
         self.tile = cfg.force_image_size or cfg.vision_config.image_size
         self.min_tiles = cfg.min_dynamic_patch if cfg.dynamic_image_size else 1
         self.max_tiles = cfg.max_dynamic_patch if cfg.dynamic_image_size else 1
         self.thumbnail = bool(cfg.use_thumbnail)
+        self.sep = self.template.sep.strip()
+        self.model.img_context_token_id = self.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         return internvl_pixels(image, self.tile, self.min_tiles, self.max_tiles, self.thumbnail)
+
+    def query(self, num_tiles: int) -> str:
+        """The prompt batch_chat builds for one image of `num_tiles` tiles."""
+        template = self.template.copy()
+        template.system_message = self.model.system_message
+        template.append_message(template.roles[0], f"<image>\n{self.prompt}")
+        template.append_message(template.roles[1], None)
+        image = "<img>" + "<IMG_CONTEXT>" * self.model.num_image_token * num_tiles + "</img>"
+        return template.get_prompt().replace("<image>", image, 1)
 
     @torch.inference_mode()
     def caption(self, images, batch_size: int = 8, sample: dict | None = None, seeds=None) -> list[str]:
@@ -196,11 +285,15 @@ class InternVLCaptioner:
     def _chat(self, batch: list[Image.Image], gen: dict) -> list[str]:
         tiles = [self.pixels(im) for im in batch]
         pixel_values = torch.cat(tiles).to(self.device, self.model.dtype)
-        config = {"max_new_tokens": self.spec.max_new_tokens, **gen}
-        return self.model.batch_chat(
-            self.tokenizer, pixel_values, num_patches_list=[len(t) for t in tiles],
-            questions=[f"<image>\n{self.prompt}"] * len(batch), generation_config=config,
+        self.tokenizer.padding_side = "left"
+        inputs = self.tokenizer([self.query(len(t)) for t in tiles], return_tensors="pt", padding=True)
+        ids = self.model.generate(
+            pixel_values=pixel_values, input_ids=inputs["input_ids"].to(self.device),
+            attention_mask=inputs["attention_mask"].to(self.device), max_new_tokens=self.spec.max_new_tokens,
+            eos_token_id=self.tokenizer.convert_tokens_to_ids(self.sep), **gen,
         )
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [t.split(self.sep)[0].strip() for t in texts]
 
 
 def _strip_prefix(text: str, prefix: str) -> str:

@@ -1,19 +1,23 @@
 """Load the authors' released CycleReward checkpoints (ImageReward-style BLIP key layout) into RewardModel, and
 register one as an MLflow model version (`cyclepref import-checkpoint`).
 
-Source (hjbahng/cyclereward): cycle_reward/model.py `CycleReward` = `blip` (cyclereward/blip/blip_pretrain.py
-BLIP_Pretrain: visual_encoder, text_encoder, vision_proj, text_proj) + `mlp.layers` (Linear, GELU, ... Linear);
-utils.py save_model writes the bare state dict with torch.save; the released files are CycleReward-Combo.pth,
-CycleReward-I2T.pth, CycleReward-T2I.pth (GitHub release v1.0.0, cycle_reward/model.py _MODELS). The ViT key names
-are those of salesforce/BLIP models/vit.py. Not confirmed: the layout of the Hugging Face uploads
-carolineec/CycleReward-* (PyTorchModelHubMixin); a safetensors file in the .pth layout loads as well.
+Source (hjbahng/cyclereward at 36e10773d1385ed57d3cecf15a352d48705fd0fe; the model moved from cycle_reward/ to
+cyclereward/): cyclereward/model.py `CycleReward` = `blip` (cyclereward/blip/blip_pretrain.py BLIP_Pretrain:
+visual_encoder, text_encoder, vision_proj, text_proj) + `mlp.layers` (Linear, GELU, ... Linear); utils.py save_model
+writes the bare state dict with torch.save; the released files are CycleReward-Combo.pth, CycleReward-I2T.pth,
+CycleReward-T2I.pth (GitHub release v1.0.0, cyclereward/model.py _MODELS), which `cyclereward()` reads back with
+torch.load + load_state_dict(strict=False). The ViT key names are those of cyclereward/blip/vit.py (salesforce/BLIP
+models/vit.py). Not confirmed: the layout of the Hugging Face uploads carolineec/CycleReward-*
+(PyTorchModelHubMixin); a safetensors file in the .pth layout loads as well.
 
 The released state dicts name the BLIP backbone `blip.*` (timm-style ViT `blip.visual_encoder.*`, the BLIP "med"
 BERT `blip.text_encoder.*`, `blip.vision_proj`, `blip.text_proj`) and the head `mlp.layers.{0,2,4,6,8}` (Linear
 layers with GELU between). `AUTHORS_TO_OURS` maps every key to transformers' BLIP names used by RewardModel; a key
 that matches no rule, a key of ours that stays unfilled, or a shape mismatch raises AuthorsCheckpointError. The
-only key dropped on purpose is the text position-id buffer (recomputed by transformers). A leading `module.`
-(a DistributedDataParallel save) is stripped.
+only known-benign difference is the text position-id buffer (med.py registers it persistent, so it is in the
+authors' state dicts; transformers recomputes it): it may be present or absent. Unlike the authors' strict=False,
+every other missing or unexpected key is listed in full and the load refused. A leading `module.` (a
+DistributedDataParallel save) is stripped.
 
 The backbone size is read from the tensors (layers, widths, image size from pos_embed and the patch size); head
 counts and the tokenizer come from a template BLIP ITM checkpoint (`backbone`, e.g.
@@ -56,9 +60,9 @@ class AuthorsCheckpointError(ValueError):
     """A state dict that does not match the authors' layout or our model; the message lists the offending keys."""
 
 
-def _listing(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+def _listing(keys: list[str]) -> str:
+    """Every key, so that nothing is dropped unseen (the authors' own load_state_dict(strict=False) would)."""
+    return ", ".join(keys) + (f" ({len(keys)} in all)" if len(keys) > 1 else "")
 
 
 def map_authors_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,14 +19,23 @@ OUT/pairs.jsonl plus content-addressed images under OUT/images/:
   with the columns it found when they are absent. Every two captions of an image with different scores make an I2T
   pair preferring the higher score.
 - genai-bench: GenAI-Bench image generation with human alignment ratings (Lin et al.; the benchmark of the paper's
-  VQAScore / CLIPScore baselines), in the layout that linzhiqiu/t2v_metrics dataset.py `GenAIBench_Image` reads from
-  zhiqiulin/GenAI-Bench-527: SRC/genai_image.json = {<prompt_idx>: {"prompt": str, "models": {<model>: [<rating>,
-  ...]}, ...}} and SRC/<model>/<prompt_idx>.jpeg (models DALLE_3, SDXL_Turbo, DeepFloyd_I_XL_v1, Midjourney_6,
-  SDXL_2_1, SDXL_Base; the converter takes them from the json). A model's score for a prompt is the mean of its
-  ratings (as GenAIBench_Image.evaluate_scores does). Pair rule: for every prompt, every two models with ratings and
-  an image, whose means differ, make a T2I pair preferring the higher mean; equal means are skipped and counted.
-  Not confirmed: the layout of the 1600-prompt release (BaiqiL/GenAI-Bench-1600), and that the paper built its
-  pairs this way (t2v_metrics scores pairwise accuracy with a tie-optimised variant over all image pairs).
+  VQAScore / CLIPScore baselines), in the layout that linzhiqiu/t2v_metrics dataset.py `GenAIBench_Image` reads
+  (commit 6ecb74f92028f42c7e64546d3a71e98c8c73068f), the same for both releases: zhiqiulin/GenAI-Bench-527 and
+  BaiqiL/GenAI-Bench-1600 each publish genai_image.json and one <model>.zip per model, unzipped in place:
+  SRC/genai_image.json = {<prompt_idx>: {"prompt": str, "models": {<model>: [<rating>, ...]}, ...}} and
+  SRC/<model>/<prompt_idx>.jpeg (models DALLE_3, SDXL_Turbo, DeepFloyd_I_XL_v1, Midjourney_6, SDXL_2_1,
+  SDXL_Base; the converter takes them from the json). A folder that was not unzipped is read from SRC/<model>.zip
+  (member <model>/<idx>.jpeg or <idx>.jpeg; members are read, never extracted). A model's score for a prompt is the
+  mean of its ratings (as GenAIBench_Image.evaluate_scores does). Two outputs:
+  pairs.jsonl, the project's pair rule: for every prompt, every two models with ratings and an image, whose means
+  differ, make a T2I pair preferring the higher mean; equal means are skipped and counted;
+  ratings.jsonl, one line per rated image ({"id", "prompt", "image", "model", "prompt_idx", "human"}), for the
+  reference metric of t2v_metrics (`tie_calibrated_accuracy`): pairwise accuracy with tie calibration over all
+  image pairs of the benchmark, not grouped by prompt (`GenAIBench_Image.correlation` -> `calc_metric(...,
+  "pairwise_acc_with_tie_optimization")` -> tau_optimization.py acc_23, Deutsch et al. 2023). Numbers comparable
+  with published GenAI-Bench accuracies are the reference metric; the pair-rule accuracy is the project's own.
+  Not confirmed: which release the paper evaluated on (the paper profile uses 527, the set of the VQAScore paper
+  whose baselines it lists).
 - genai-arena: TIGER-Lab/GenAI-Bench (GenAI-Arena votes, not the benchmark above), config image_generation, whose
   only split is named train (TIGER-AI-Lab/GenAI-Bench genaibench inference.py): `vote_type` in leftvote / rightvote /
   tievote / bothbad_vote (confirmed there), `prompt`, `left_image`, `right_image` (the left_/right_ key prefixes are
@@ -41,7 +50,7 @@ import hashlib
 import itertools
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,33 +294,80 @@ def _mean_rating(value: object) -> float | None:
     return float(np.mean(numbers)) if numbers and len(numbers) == len(ratings) else None
 
 
-def _rated_images(src: Path, idx: str, models: dict, stats: Counter) -> dict[str, tuple[float, Path]]:
-    """model -> (mean rating, image file) for the models of one prompt that have both."""
+def tie_calibrated_accuracy(human: Sequence[float], metric: Sequence[float]) -> tuple[float, float]:
+    """t2v_metrics' "pairwise_acc_with_tie_optimization" (tau_optimization.py, acc_23) over all pairs i < j:
+    accuracy(eps) = (concordant pairs with |m_i - m_j| > eps + pairs tied in the human score with |m_i - m_j| <= eps)
+    / all pairs, where concordant = the human and the metric differences are non-zero with the same sign; the metric
+    tie threshold eps is chosen among 0 and the pairs' |m_i - m_j| to maximise it. Returns (accuracy, eps)."""
+    h, m = np.asarray(human, dtype=float), np.asarray(metric, dtype=float)
+    if h.shape != m.shape or h.ndim != 1 or len(h) < 2:
+        raise ValueError("tie_calibrated_accuracy needs two equal-length vectors of at least two scores")
+    concordant, human_ties = [], []
+    for i in range(len(h) - 1):
+        dh, dm = h[i + 1:] - h[i], m[i + 1:] - m[i]
+        concordant.append(np.abs(dm[(dh * dm) > 0]))
+        human_ties.append(np.abs(dm[dh == 0]))
+    conc, ties = np.sort(np.concatenate(concordant)), np.sort(np.concatenate(human_ties))
+    total = len(h) * (len(h) - 1) // 2
+    eps = np.concatenate([[0.0], ties])
+    correct = len(conc) - np.searchsorted(conc, eps, side="right") + np.searchsorted(ties, eps, side="right")
+    best = int(np.argmax(correct))
+    return float(correct[best] / total), float(eps[best])
+
+
+class _ModelImages:
+    """The images of one GenAI-Bench model: SRC/<model>/<idx>.jpeg, or members of SRC/<model>.zip."""
+
+    def __init__(self, src: Path, model: str):
+        import zipfile
+
+        self.src, self.model, self.zip = src, model, None
+        archive = src / f"{model}.zip"
+        if not (src / model).is_dir() and archive.is_file():
+            self.zip = zipfile.ZipFile(archive)
+            self.members = set(self.zip.namelist())
+
+    def read(self, idx: str) -> bytes | None:
+        if self.zip is not None:
+            name = next((n for n in (f"{self.model}/{idx}.jpeg", f"{idx}.jpeg") if n in self.members), None)
+            return self.zip.read(name) if name else None
+        try:
+            image = inside(self.src, f"{self.model}/{idx}.jpeg")
+        except OutsideRoot:
+            return None
+        return image.read_bytes() if image.is_file() else None
+
+
+def _rated_images(images: dict[str, _ModelImages], src: Path, idx: str, models: dict,
+                  stats: Counter) -> dict[str, tuple[float, bytes]]:
+    """model -> (mean rating, image bytes) for the models of one prompt that have both."""
     rated = {}
     for model, ratings in sorted(models.items()):
         mean = _mean_rating(ratings)
-        try:
-            image = inside(src, f"{model}/{idx}.jpeg")
-        except OutsideRoot:
-            image = None
-        if mean is None or image is None or not image.is_file():
+        if model not in images:
+            images[model] = _ModelImages(src, model)
+        data = images[model].read(str(idx)) if mean is not None else None
+        if mean is None or data is None:
             stats["skipped_unrated_or_missing_images"] += 1
             continue
-        rated[model] = (mean, image)
+        rated[model] = (mean, data)
     return rated
 
 
 def convert_genai_bench(src: str | Path, out: str | Path) -> dict:
-    """GenAI-Bench images with human alignment ratings -> T2I pairs of one prompt preferring the higher mean rating."""
+    """GenAI-Bench (527 or 1600 prompts) images with human alignment ratings -> T2I pairs of one prompt preferring
+    the higher mean rating (pairs.jsonl) and the rated images for the reference metric (ratings.jsonl)."""
     src = Path(src)
     meta = src / "genai_image.json"
     if not meta.is_file():
-        raise FileNotFoundError(f"{meta} not found (GenAI-Bench: genai_image.json beside one folder per model)")
+        raise FileNotFoundError(f"{meta} not found (GenAI-Bench: genai_image.json beside one folder or zip per model)")
     prompts = json.loads(meta.read_text())
     if not isinstance(prompts, dict):
         raise ValueError(f"{meta}: expected an object keyed by prompt index")
     writer = PairWriter(Path(out))
+    ratings = open(Path(out) / "ratings.jsonl.tmp", "w")
     stats: Counter[str] = Counter()
+    images: dict[str, _ModelImages] = {}
     for idx in sorted(prompts):
         stats["prompts"] += 1
         entry = prompts[idx]
@@ -319,7 +375,12 @@ def convert_genai_bench(src: str | Path, out: str | Path) -> dict:
         if not isinstance(prompt, str) or not prompt.strip():
             stats["skipped_no_prompt"] += 1
             continue
-        rated = _rated_images(src, idx, entry.get("models") or {}, stats)
+        rated = _rated_images(images, src, idx, entry.get("models") or {}, stats)
+        names = {model: writer.image(data) for model, (_, data) in rated.items()}
+        for model, (mean, _) in rated.items():
+            ratings.write(json.dumps({"id": f"genai-{idx}:{model}", "prompt": prompt.strip(), "image": names[model],
+                                      "model": model, "prompt_idx": str(idx), "human": mean}, sort_keys=True) + "\n")
+            stats["rated_images"] += 1
         for a, b in itertools.combinations(sorted(rated), 2):
             if rated[a][0] == rated[b][0]:
                 stats["skipped_tied_pairs"] += 1
@@ -327,13 +388,69 @@ def convert_genai_bench(src: str | Path, out: str | Path) -> dict:
             good, bad = (a, b) if rated[a][0] > rated[b][0] else (b, a)
             writer.write({
                 "id": f"genai-{idx}:{good}>{bad}", "task": "t2i", "group": f"genai-{idx}", "prompt": prompt.strip(),
-                "chosen": writer.image(rated[good][1].read_bytes()),
-                "rejected": writer.image(rated[bad][1].read_bytes()),
+                "chosen": names[good], "rejected": names[bad],
                 "meta": {"chosen_model": good, "rejected_model": bad, "chosen_mean_rating": rated[good][0],
                          "rejected_mean_rating": rated[bad][0]},
             })
+    ratings.close()
+    (Path(out) / "ratings.jsonl.tmp").replace(Path(out) / "ratings.jsonl")
     writer.close()
     return {"pairs": writer.count, **stats}
+
+
+def load_ratings(path: str | Path) -> list[dict]:
+    """The rated images of a ratings.jsonl (see convert_genai_bench); image paths must stay inside its directory."""
+    path = Path(path)
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BenchmarkFormatError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("human"), int | float) or not all(
+                isinstance(rec.get(k), str) and rec[k] for k in ("id", "prompt", "image")):
+            raise BenchmarkFormatError(f"{path}:{n}: a rating needs string id, prompt, image and a number human")
+        try:
+            inside(path.parent, rec["image"])
+        except OutsideRoot as err:
+            raise BenchmarkFormatError(f"{path}:{n}: image: {err}") from None
+        out.append(rec)
+    return out
+
+
+def ratings_pairset(path: str | Path) -> JsonlPairSet:
+    """The rated images as T2I examples whose chosen and rejected image are the same file, so that any pair scorer
+    gives each image its score (the chosen score)."""
+    records = [{**r, "chosen": r["image"], "rejected": r["image"]} for r in load_ratings(path)]
+    return JsonlPairSet("t2i", records, Path(path).parent)
+
+
+def reference_accuracies(path: str | Path, scorers, batch_size: int) -> dict[str, dict]:
+    """Every scorer's t2v_metrics reference accuracy on the rated images of a ratings.jsonl:
+    {scorer: {"pairwise_acc_tie_calibrated", "epsilon", "images"}}."""
+    from cyclepref.reward.evaluate import pairset_scores
+
+    pairset = ratings_pairset(path)
+    human = [r["human"] for r in pairset.records]
+    out = {}
+    for name, (scores, _) in pairset_scores(pairset, scorers, batch_size).items():
+        acc, eps = tie_calibrated_accuracy(human, scores)
+        out[name] = {"pairwise_acc_tie_calibrated": acc, "epsilon": eps, "images": len(human)}
+    return out
+
+
+def reference_markdown(reference: dict[str, dict[str, dict]]) -> str:
+    """Markdown tables of reference_accuracies per benchmark (empty when there is none)."""
+    lines = []
+    for bench, by_scorer in reference.items():
+        lines += [f"## {bench} / t2i, reference metric (t2v_metrics pairwise accuracy with tie calibration, all "
+                  "image pairs)", "", "| scorer | accuracy | epsilon | images |", "|---|---|---|---|"]
+        lines += [f"| {name} | {100 * r['pairwise_acc_tie_calibrated']:.2f} | {r['epsilon']:.4g} | {r['images']} |"
+                  for name, r in by_scorer.items()]
+        lines.append("")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 VOTES = {"leftvote": ("left", "right"), "rightvote": ("right", "left")}
