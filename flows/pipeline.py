@@ -154,6 +154,19 @@ def _address(stage) -> str:
     return name if stage.path_in_repo == "dvc.yaml" else f"{stage.path_in_repo}:{name}"
 
 
+def up_to_date(root: Path) -> set[str]:
+    """The stages of root/dvc.yaml that DVC would skip now, from one in-process `dvc status` (under DVC's lock)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            changed = set(repo.status())
+            return {_address(s) for s in repo.index.stages if getattr(s, "name", None)} - changed
+    except DvcException as err:
+        raise ConfigError("dvc.yaml", str(err)) from err
+
+
 def read_profile(root: Path) -> str:
     from cyclepref.config import ParamsError, load_params
 
@@ -322,16 +335,22 @@ def retry_transient(task_, task_run, state) -> bool:
     persist_result=False,
     retry_condition_fn=retry_transient,
 )
-def run_stage(stage: str, root: str, parent_run_id: str, timeout_s: float, gpu: str | None = None):
+def run_stage(
+    stage: str, root: str, parent_run_id: str, timeout_s: float, gpu: str | None = None, fresh: bool = False
+):
     """One DVC stage in a subprocess, then its MLflow child run (tagged or created). Returns the StageOutcome; a
-    stage DVC skipped ends in a Completed state named "Skipped", so the UI tells it from one that ran."""
+    stage DVC skipped ends in a Completed state named "Skipped", so the UI tells it from one that ran. A `fresh`
+    stage (up to date in the flow's `dvc status` and no upstream stage ran since) is skipped without a process."""
     from prefect.runtime import task_run
     from prefect.states import Completed
 
     logger = get_run_logger()
     path = Path(root)
-    env = stage_env(path, parent_run_id, gpu)
-    status, seconds = execute_with_lock_retries(stage, path, env, timeout_s, logger.info, settings.lock_retries())
+    if fresh:
+        status, seconds = lineage.SKIPPED, 0.0
+    else:
+        env = stage_env(path, parent_run_id, gpu)
+        status, seconds = execute_with_lock_retries(stage, path, env, timeout_s, logger.info, settings.lock_retries())
     client = lineage.client(path)
     with dvc_repo_lock(path):
         record = (lineage.record_executed if status == lineage.EXECUTED else lineage.record_skipped)(
@@ -447,6 +466,11 @@ class StageScheduler:
         free = self.limit - len(running)
         return [s for s in pending if all(u in self.done for u in self.upstream[s])][: max(free, 0)]
 
+    def fresh(self, stage: str, up_to_date: set[str]) -> bool:
+        """Up to date when the flow started, and every upstream stage was skipped (none changed its outputs)."""
+        return stage in up_to_date and all(
+            getattr(self.done.get(u), "status", None) == "skipped" for u in self.upstream[stage])
+
     def run(self, submit: Callable[[str, str | None], object], stagger_s: float = 0.0) -> None:
         """`submit(stage, gpu)` returns a Prefect future whose result is the task's final state."""
         pending, running, error = list(self.stages), {}, None
@@ -505,8 +529,10 @@ def pipeline(
     parent = lineage.start_pipeline_run(client, path, profile, trigger, tags)
     result = PipelineResult(parent, lineage.experiment_id(client), profile, stages)
     scheduler = StageScheduler(stages, upstream, settings.concurrent_stages(), settings.stage_gpus())
+    fresh = up_to_date(path)
     try:
-        scheduler.run(lambda stage, gpu: run.submit(stage, str(path), parent, timeout, gpu),
+        scheduler.run(lambda stage, gpu: run.submit(stage, str(path), parent, timeout, gpu,
+                                                    scheduler.fresh(stage, fresh)),
                       stagger_s=settings.stage_stagger_s())
     except BaseException as err:
         result.outcomes = scheduler.outcomes()
