@@ -293,7 +293,7 @@ def register_cmd(root: Path = ROOT_OPTION) -> None:
 
 @app.command("import-checkpoint")
 def import_checkpoint_cmd(
-    checkpoint: Path = typer.Argument(..., help="The authors' state dict, e.g. CycleReward-Combo.pth."),
+    checkpoint: Path = typer.Argument(..., help="An authors' CycleReward-*.pth state dict."),
     backbone: str = typer.Option(
         "Salesforce/blip-itm-large-coco", "--backbone", help="Template BLIP ITM checkpoint (tokenizer, processor)."
     ),

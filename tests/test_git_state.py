@@ -71,3 +71,12 @@ def test_cli_version():
 
     done = CliRunner().invoke(app, ["--version"])
     assert done.exit_code == 0 and done.output.strip() == f"cyclepref {version('cyclepref')}"
+
+
+def test_import_checkpoint_help_keeps_each_help_text_on_one_line_at_80_columns():
+    from cyclepref.cli import app
+
+    done = CliRunner().invoke(app, ["import-checkpoint", "--help"], env={"COLUMNS": "80", "TERM": "dumb"})
+    assert done.exit_code == 0
+    assert "An authors' CycleReward-*.pth state dict." in done.output
+    assert not any(line.rstrip(" │").endswith("e.g.") for line in done.output.splitlines())
