@@ -5,12 +5,15 @@ browser fails there instead of skipping)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 from mlflow import MlflowClient
@@ -76,10 +79,17 @@ def test_mlflow_ui_opens_the_runs_of_the_project_and_stops_every_process(tmp_pat
         exp = ids["experiment"]
         assert server.start_url == f"{server.url}/#/experiments/{exp}/runs?workflowType=machine_learning"
         runs = render(server.start_url, shots / "mlflow-experiment.png")
-        assert "pipeline" in runs and "Training runs" in runs and "Evaluations" not in runs
+        assert "pipeline" in runs and "Model registry" in runs
+        assert not {"Judges", "Sessions", "Evaluation runs"} & set(re.findall(r">([^<>]+)<", runs))
+        genai = render(f"{server.url}/#/experiments/{exp}/runs")
+        assert "Judges" in genai, "without the workflow type MLflow opens its GenAI view"
         run = render(f"{server.url}/#/experiments/{exp}/runs/{ids['child']}?workflowType=machine_learning",
                      shots / "mlflow-stage-run.png")
-        assert "train_reward" in run and "accuracy" in run
+        assert "train_reward" in run and "accuracy" in run and "Parent run" in run
+        listed = json.loads(urlopen(f"{server.url}/ajax-api/2.0/mlflow/artifacts/list?run_id={ids['child']}").read())
+        assert [f["path"] for f in listed["files"]] == ["summary.txt"]
+        got = urlopen(f"{server.url}/get-artifact?path=summary.txt&run_uuid={ids['child']}").read()
+        assert got == b"stage artifact\n"
         model = render(f"{server.url}/#/models/cyclereward/versions/1?workflowType=machine_learning",
                        shots / "mlflow-registered-model.png")
         assert "trained by run" in model and "0123abc" in model
@@ -97,11 +107,16 @@ def test_prefect_ui_works_on_a_port_other_than_4200(tmp_path, monkeypatch):
     port = ui.free_port()
     server = ui.start("prefect", root / "sub", port=port if port != 4200 else ui.free_port())
     try:
-        flow = "from prefect import flow\n@flow(name='cyclepref-ui-check')\ndef f():\n    return 1\nf()\n"
+        flow = ("from prefect import flow, runtime\n@flow(name='cyclepref-ui-check')\ndef f():\n"
+                "    print('FLOW_RUN', runtime.flow_run.id)\nf()\n")
         env = {**os.environ, "PREFECT_API_URL": f"{server.url}/api"}
-        subprocess.run([sys.executable, "-c", flow], env=env, check=True, capture_output=True, timeout=300)
+        done = subprocess.run([sys.executable, "-c", flow], env=env, check=True, capture_output=True, text=True,
+                              timeout=300)
+        run_id = re.search(r"FLOW_RUN (\S+)", done.stdout).group(1)
         page = render(f"{server.url}/runs", shots / "prefect-runs.png")
         assert "cyclepref-ui-check" in page and "Oops" not in page
+        page = render(f"{server.url}/runs/flow-run/{run_id}", shots / "prefect-flow-run.png")
+        assert "cyclepref-ui-check" in page and "Completed" in page and "Oops" not in page
     finally:
         server.stop()
     assert not ui.group_alive(server.proc.pid)
