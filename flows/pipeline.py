@@ -130,8 +130,9 @@ def stage_order(root: Path) -> list[str]:
     return stage_plan(root)[0]
 
 
-def stage_plan(root: Path) -> tuple[list[str], dict[str, list[str]]]:
-    """(the stages in `dvc repro` order, each stage's direct upstream stages) from DVC's own graph."""
+def stage_plan(root: Path, status: bool = False) -> tuple[list[str], dict[str, list[str]]] | tuple:
+    """(the stages in `dvc repro` order, each stage's direct upstream stages) from DVC's own graph; with `status`,
+    also the stages DVC would skip now (one in-process `dvc status` on the same index)."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
@@ -141,7 +142,11 @@ def stage_plan(root: Path) -> tuple[list[str], dict[str, list[str]]]:
             graph = get_active_graph(repo.index.graph)
             planned = plan_repro(graph, collect_stages(repo, [str(root / "dvc.yaml")]))
             upstream = {_address(s): sorted(_address(u) for u in graph.successors(s)) for s in planned}
-            return [_address(s) for s in planned], upstream
+            order = [_address(s) for s in planned]
+            if not status:
+                return order, upstream
+            changed = set(repo.status())
+            return order, upstream, {_address(s) for s in planned if s.addressing not in changed}
     except DvcException as err:
         raise ConfigError("dvc.yaml", str(err)) from err
 
@@ -152,19 +157,6 @@ def _address(stage) -> str:
     if name is None:
         return stage.path_in_repo
     return name if stage.path_in_repo == "dvc.yaml" else f"{stage.path_in_repo}:{name}"
-
-
-def up_to_date(root: Path) -> set[str]:
-    """The stages of root/dvc.yaml that DVC would skip now, from one in-process `dvc status` (under DVC's lock)."""
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    try:
-        with Repo(str(root)) as repo:
-            changed = set(repo.status())
-            return {_address(s) for s in repo.index.stages if getattr(s, "name", None)} - changed
-    except DvcException as err:
-        raise ConfigError("dvc.yaml", str(err)) from err
 
 
 def read_profile(root: Path) -> str:
@@ -517,7 +509,7 @@ def pipeline(
     from prefect.runtime import flow_run
 
     path = Path(root).resolve()
-    stages, upstream = stage_plan(path)
+    stages, upstream, fresh = stage_plan(path, status=True)
     profile = read_profile(path)
     timeout = settings.stage_timeout_s() if stage_timeout_s is None else stage_timeout_s
     run = run_stage.with_options(
@@ -529,7 +521,6 @@ def pipeline(
     parent = lineage.start_pipeline_run(client, path, profile, trigger, tags)
     result = PipelineResult(parent, lineage.experiment_id(client), profile, stages)
     scheduler = StageScheduler(stages, upstream, settings.concurrent_stages(), settings.stage_gpus())
-    fresh = up_to_date(path)
     try:
         scheduler.run(lambda stage, gpu: run.submit(stage, str(path), parent, timeout, gpu,
                                                     scheduler.fresh(stage, fresh)),
