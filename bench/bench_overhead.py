@@ -7,6 +7,8 @@
   `seconds` (logged by cyclepref.stage: MLflow run start + the stage's work), each stage command run alone (its wall
   time and peak RSS, from wait4), `dvc repro` with nothing to do, and the Prefect pipeline flow with nothing to do
   (on a temporary Prefect server, whose start is reported apart).
+- a no-op `cyclepref pipeline` (the CLI process) against a no-op `dvc repro` on a toy project of the default
+  pipeline's stage count (target: within 3x).
 Each timing is repeated (median, min, max); the default pipeline's overhead is estimated from the per-stage overhead
 times its stage count.
     python bench/bench_overhead.py [--repeats 3] [--out FILE]
@@ -180,6 +182,48 @@ def prefect_noop(project: Path, repeats: int, echo) -> dict:
     return {"seconds": harness.summary(times, 3), "server_start_s": round(server_s, 1)}
 
 
+WIDE_STAGES = 31
+COPY = "python -c \"import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])\" {src} {dst}"
+
+
+def wide_project(path: Path, n: int = WIDE_STAGES) -> Path:
+    """A toy project with the default pipeline's stage count: two chains of copy stages from one input."""
+    from flow_projects import command_project
+
+    stages = {}
+    for i in range(n):
+        src = "in.txt" if i < 2 else f"out{i - 2:02d}.txt"
+        stages[f"s{i:02d}"] = {"cmd": COPY.format(src=src, dst=f"out{i:02d}.txt"), "deps": [src],
+                               "outs": [f"out{i:02d}.txt"]}
+    return command_project(path, stages, files={"in.txt": "0\n"})
+
+
+def wide_noop(tmp: Path, env: dict, repeats: int, echo) -> dict:
+    """A no-op `cyclepref pipeline` (the CLI process, on a running Prefect server) against a no-op `dvc repro`, on a
+    project of the default pipeline's stage count whose stages were run by `cyclepref repro` (so every skipped
+    stage's MLflow child points to its producer, as after `make run`). Target: within 3x."""
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="cyclepref-bench-prefect-"))
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.repro import repro
+
+    env = {**env, **{k: os.environ[k] for k in ("CYCLEPREF_MLFLOW_URI", "PYTHONPATH") if k in os.environ}}
+    project = wide_project(tmp / "wide")
+    first = repro(project, trigger="bench", echo=lambda line: None)
+    assert first.returncode == 0 and len(first.statuses) == WIDE_STAGES, first
+    dvc = repeat(lambda: run_process([sys.executable, "-m", "dvc", "repro"], project, env)[0], repeats)
+    with prefect_test_harness(server_startup_timeout=180):
+        cli_env = {**env, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "WARNING"}
+        cli = [str(Path(sys.executable).parent / "cyclepref"), "pipeline", "--root", str(project)]
+        pipe = repeat(lambda: run_process(cli, project, cli_env)[0], repeats)
+    ratio = round(pipe["median"] / dvc["median"], 2)
+    echo(f"no-op on {WIDE_STAGES} stages: cyclepref pipeline {pipe['median']} s, dvc repro {dvc['median']} s, "
+         f"x{ratio} (target <= 3)")
+    return {"stages": WIDE_STAGES, "dvc_repro_noop_s": dvc, "cyclepref_pipeline_noop_s": pipe, "ratio": ratio,
+            "target_ratio": 3, "within_target": ratio <= 3}
+
+
 def default_pipeline_stages() -> int:
     from flows.pipeline import stage_plan
 
@@ -193,6 +237,7 @@ def run(repeats: int = 3, echo=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="cyclepref-bench-") as tmp:
         report["model_load_s"] = model_loads(Path(tmp))
         report["toy_pipeline"] = toy_pipeline(Path(tmp), env, repeats, echo)
+        report["noop_pipeline"] = wide_noop(Path(tmp), env, repeats, echo)
     n = default_pipeline_stages()
     per_stage = report["toy_pipeline"]["first_run"]["overhead_per_stage_s"]
     report["default_pipeline_estimate"] = {

@@ -157,6 +157,12 @@ def _overhead_lines(o: dict) -> list[str]:
               "",
               f"Default pipeline ({est['stages']} stages): about {est['overhead_s']} s of orchestration and tracking "
               f"overhead ({est['how']})."]
+    wide = o.get("noop_pipeline")
+    if wide:
+        lines += ["", f"Nothing to do on {wide['stages']} stages: `cyclepref pipeline` "
+                      f"{wide['cyclepref_pipeline_noop_s']['median']} s against `dvc repro` "
+                      f"{wide['dvc_repro_noop_s']['median']} s (medians): x{wide['ratio']}, target <= "
+                      f"x{wide['target_ratio']}: {'met' if wide['within_target'] else 'MISSED'}."]
     return lines
 
 

@@ -10,6 +10,24 @@ import typer
 app = typer.Typer(help="cyclepref: cycle-consistency preference data and reward models.", no_args_is_help=True)
 profile_app = typer.Typer(help="Show, validate and switch params profiles (configs/<name>.yaml -> params.yaml).")
 app.add_typer(profile_app, name="profile")
+ui_app = typer.Typer(help="Start the project's MLflow or Prefect UI (from anywhere inside the project).",
+                     no_args_is_help=True)
+app.add_typer(ui_app, name="ui")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"cyclepref {version('cyclepref')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """cyclepref: cycle-consistency preference data and reward models."""
 
 CONFIGS = Path("configs")
 PARAMS = Path("params.yaml")
@@ -262,11 +280,13 @@ def register_cmd(root: Path = ROOT_OPTION) -> None:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
     with chdir(root):
+        client = lineage.client(root)
         try:
-            reg = register_current(lineage.client(root), root, cfg)
+            reg = register_current(client, root, cfg)
         except LookupError as err:
             typer.echo(f"nothing registered: {err}", err=True)
             return
+        lineage.describe_version(client, reg.name, reg.version)
     state = "registered" if reg.created else "already registered"
     linked = ", ".join(f"{s} {m}" for s, m in reg.adapters.items()) or "none"
     typer.echo(f"{reg.name} version {reg.version} {state} (train run {reg.train_run_id}; adapters: {linked})")
@@ -274,7 +294,7 @@ def register_cmd(root: Path = ROOT_OPTION) -> None:
 
 @app.command("import-checkpoint")
 def import_checkpoint_cmd(
-    checkpoint: Path = typer.Argument(..., help="The authors' state dict, e.g. CycleReward-Combo.pth."),
+    checkpoint: Path = typer.Argument(..., help="An authors' CycleReward-*.pth state dict."),
     backbone: str = typer.Option(
         "Salesforce/blip-itm-large-coco", "--backbone", help="Template BLIP ITM checkpoint (tokenizer, processor)."
     ),
@@ -305,17 +325,21 @@ def report_cmd(
     root: Path = ROOT_OPTION,
     out: Path = typer.Option(Path("reports/report.html"), "--out", "-o", help="Where to write the page."),
     examples: int = typer.Option(3, min=0, help="Inputs shown per task with their candidates."),
+    readme: bool = typer.Option(True, "--readme/--no-readme", help="Also regenerate README.md's sandbox numbers "
+                                "from reports/sandbox.json."),
 ) -> None:
-    """Write one offline HTML page (images embedded, no network): headline numbers, gates, examples with their
-    cycle scores, reward accuracies, Best-of-N curves."""
+    """Write one offline HTML page (images embedded, no network): verdicts, headline numbers, gates, examples with
+    their cycle scores, reward accuracies, Best-of-N curves; and README.md's sandbox numbers."""
     root = _project(root)
     from cyclepref import store
-    from cyclepref.report import build
+    from cyclepref.report import build, sync_readme
 
     path = out if out.is_absolute() else root / out
     with store.atomic_path(path) as tmp:
         tmp.write_text(build(root, examples))
     typer.echo(str(path))
+    if readme and sync_readme(root):
+        typer.echo(str(root / "README.md"))
 
 
 @app.command("retrain")
@@ -352,6 +376,33 @@ def serve_schedule_cmd(
     from flows.deploy import serve_schedule
 
     serve_schedule(root, cron, timezone, name)
+
+
+HOST_OPTION = typer.Option("127.0.0.1", "--host", help="Address to bind.")
+PORT_OPTION = typer.Option(None, "--port", help="Port (default: the usual one when free, else any free port).")
+
+
+def _ui(kind: str, host: str, port: int | None) -> None:
+    from cyclepref.ui import UIError, project_root, serve
+
+    try:
+        serve(kind, project_root(), host, port, echo=typer.echo)
+    except UIError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+
+
+@ui_app.command("mlflow")
+def ui_mlflow(host: str = HOST_OPTION, port: int | None = PORT_OPTION) -> None:
+    """The MLflow UI on this project's store (runs, artifacts, registered models), opened on the cyclepref
+    experiment's runs; Ctrl-C stops it and every process it started."""
+    _ui("mlflow", host, port)
+
+
+@ui_app.command("prefect")
+def ui_prefect(host: str = HOST_OPTION, port: int | None = PORT_OPTION) -> None:
+    """The Prefect server and UI (flow runs, task runs, artifacts), working on any port; Ctrl-C stops it."""
+    _ui("prefect", host, port)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from cyclepref import metrics
 from cyclepref.scoring import oriented
 from cyclepref.tables import PATHS
+from cyclepref.world import verdicts
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -104,6 +105,25 @@ def read_json(path: Path) -> dict | None:
 # ---------------------------------------------------------------- sections
 
 
+HEADLINE_NOTES = {
+    "evaluate_reward accuracy / baseline": "on the pipeline's own test split, whose labels are made from the cycle "
+    "score; the baseline is the best scorer other than raw cycle, which agrees with those labels by construction. "
+    "The ground-truth comparison is the benchmark (sandbox section and verdicts).",
+    "dpo_vlm / diffusion_dpo accuracy / baseline": "implicit-reward accuracy on the validation pairs after / before "
+    "training; before training the policy equals the reference, every implicit reward is 0 and no pair is ranked, "
+    "so the baseline is 0 by construction. Ground-truth quality is evaluate_downstream's gain.",
+}
+
+
+def verdict_section(root: Path) -> str:
+    """The sandbox report's verdicts in plain words (cyclepref.world.verdicts), first on the page."""
+    sandbox = read_json(root / "reports/sandbox.json")
+    lines = verdicts.verdicts(sandbox) if sandbox else []
+    if not lines:
+        return "<h2>Verdicts</h2>" + missing("reports/sandbox.json", "sandbox_report")
+    return "<h2>Verdicts</h2><ul>" + "".join(f"<li>{esc(line)}</li>" for line in lines) + "</ul>"
+
+
 def headline_section(root: Path) -> str:
     files = sorted((root / metrics.DIR).glob("*.json"))
     out = ["<h2>Headline numbers</h2>"]
@@ -115,7 +135,8 @@ def headline_section(root: Path) -> str:
         if values:
             rows.append([esc(path.stem), *(number(values[k]) if k in values else "" for k in metrics.VOCABULARY)])
     out.append(table(["stage", *metrics.VOCABULARY], rows))
-    out.append('<p class="note">Meaning of each column: cyclepref/metrics.py.</p>')
+    notes = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in HEADLINE_NOTES.items())
+    out.append(f'<p class="note">Meaning of each column: cyclepref/metrics.py.</p><ul class="note">{notes}</ul>')
     sandbox = read_json(root / "reports/sandbox.json")
     if sandbox:
         out.append(sandbox_section(sandbox))
@@ -266,9 +287,25 @@ def best_of_n_section(root: Path) -> str:
     return "".join(out)
 
 
+def sync_readme(root: Path) -> bool:
+    """Rewrite README.md's sandbox numbers from reports/sandbox.json; True when the file changed."""
+    from cyclepref import store
+    from cyclepref.world import numbers
+
+    readme, sandbox = root / "README.md", read_json(root / "reports/sandbox.json")
+    if sandbox is None or not readme.exists() or numbers.current(readme.read_text()) is None:
+        return False
+    text = readme.read_text()
+    new = numbers.sync(text, sandbox)
+    if new != text:
+        with store.atomic_path(readme) as tmp:
+            tmp.write_text(new)
+    return new != text
+
+
 def build(root: Path, examples: int = 3) -> str:
     """The whole page."""
-    sections = [headline_section(root), gates_section(root), i2t_examples(root, examples),
+    sections = [verdict_section(root), headline_section(root), gates_section(root), i2t_examples(root, examples),
                 t2i_examples(root, examples), reward_section(root), best_of_n_section(root)]
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>cyclepref report</title>'
             f"<style>{STYLE}</style></head><body><h1>cyclepref report</h1>{''.join(sections)}</body></html>\n")

@@ -93,9 +93,14 @@ def use_store(root: Path | None = None) -> str:
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     db = sqlite_file(uri)
-    if db is not None:
+    if db is not None and (db, Path.cwd()) not in _RELATIVE:
         make_relative(db, Path.cwd())
+        _RELATIVE.add((db, Path.cwd()))
     return uri
+
+
+_RELATIVE: set[tuple[Path, Path]] = set()
+"""(store, working directory) pairs made relative by this process (experiments it creates are made so at once)."""
 
 
 def experiment_id(client, name: str | None = None) -> str:
@@ -137,13 +142,44 @@ def flatten(obj: object, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def pipeline_outputs(root: Path) -> list[str]:
+    """dvc.lock and every output, metric and plot path dvc.yaml declares (`${...}` as a glob `*`): the files the
+    pipeline itself rewrites, some of them tracked in git (reports/, committed world models)."""
+    import re
+
+    import yaml
+
+    paths = {"dvc.lock"}
+
+    def collect(node: object, key: str | None = None) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                collect(v, k)
+        elif isinstance(node, list) and key in ("outs", "metrics", "plots"):
+            for item in node:
+                paths.update(item if isinstance(item, dict) else [item])
+        elif isinstance(node, list):
+            for item in node:
+                collect(item)
+
+    try:
+        collect(yaml.safe_load((root / "dvc.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        pass
+    return sorted(re.sub(r"\$\{[^}]*\}", "*", str(p)).rstrip("/") for p in paths if isinstance(p, str))
+
+
 def git_state(root: Path | None = None) -> dict[str, str]:
+    """The commit and whether the source differs from it: a change to a file the pipeline writes (dvc.lock, an
+    output, a metric) is a run's result, not a source change, so it does not make the checkout dirty."""
     root = root or Path.cwd()
+    excluded = [f":(exclude,glob){p}{tail}" for p in pipeline_outputs(root) for tail in ("", "/**")]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", *excluded], cwd=root,
+                               capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return {"git.commit": "unknown", "git.dirty": "unknown"}
     return {"git.commit": commit, "git.dirty": str(bool(dirty.strip())).lower()}

@@ -73,10 +73,18 @@ def experiment_id(mlflow_client) -> str:
 
 
 def lock_entries(root: Path) -> dict[str, dict]:
+    """The stages of root/dvc.lock (parsed once per version of the file; callers must not modify it)."""
     path = root / "dvc.lock"
-    if not path.exists():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
         return {}
-    data = yaml.safe_load(path.read_text()) or {}
+    return _parsed_lock(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_lock(path: str, mtime_ns: int, size: int) -> dict[str, dict]:
+    data = yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
     return data.get("stages") or {}
 
 
@@ -241,3 +249,28 @@ def children(mlflow_client, parent_run_id: str) -> list:
 
 def run_url(ui_url: str, experiment: str, run_id: str) -> str:
     return f"{ui_url}/#/experiments/{experiment}/runs/{run_id}"
+
+
+VERSION_LINEAGE = (
+    ("trained by run", "cyclepref.train_run_id"),
+    ("variant", "cyclepref.variant"),
+    ("DVC stage hash", "cyclepref.dvc_stage_hash"),
+    ("git commit", "git.commit"),
+    ("source changed since the commit", "git.dirty"),
+    ("training data digest", "cyclepref.data_digest"),
+)
+
+
+def version_description(tags: dict[str, str]) -> str:
+    """A registered version's lineage tags as a short markdown table (the model page shows the description)."""
+    rows = [(label, tags[key]) for label, key in VERSION_LINEAGE if key in tags]
+    rows += [(f"adapter of {key.removeprefix('cyclepref.adapter.')}", value)
+             for key, value in sorted(tags.items()) if key.startswith("cyclepref.adapter.")]
+    return "\n".join(["| lineage | value |", "|---|---|", *(f"| {label} | `{value}` |" for label, value in rows)])
+
+
+def describe_version(mlflow_client, name: str, version: str) -> str:
+    """Write the version's lineage table into its description (kept in the tags as well); returns it."""
+    text = version_description(mlflow_client.get_model_version(name, version).tags)
+    mlflow_client.update_model_version(name, version, description=text)
+    return text

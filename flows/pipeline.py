@@ -130,8 +130,9 @@ def stage_order(root: Path) -> list[str]:
     return stage_plan(root)[0]
 
 
-def stage_plan(root: Path) -> tuple[list[str], dict[str, list[str]]]:
-    """(the stages in `dvc repro` order, each stage's direct upstream stages) from DVC's own graph."""
+def stage_plan(root: Path, status: bool = False) -> tuple[list[str], dict[str, list[str]]] | tuple:
+    """(the stages in `dvc repro` order, each stage's direct upstream stages) from DVC's own graph; with `status`,
+    also the stages DVC would skip now (one in-process `dvc status` on the same index)."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
@@ -141,7 +142,11 @@ def stage_plan(root: Path) -> tuple[list[str], dict[str, list[str]]]:
             graph = get_active_graph(repo.index.graph)
             planned = plan_repro(graph, collect_stages(repo, [str(root / "dvc.yaml")]))
             upstream = {_address(s): sorted(_address(u) for u in graph.successors(s)) for s in planned}
-            return [_address(s) for s in planned], upstream
+            order = [_address(s) for s in planned]
+            if not status:
+                return order, upstream
+            changed = set(repo.status())
+            return order, upstream, {_address(s) for s in planned if s.addressing not in changed}
     except DvcException as err:
         raise ConfigError("dvc.yaml", str(err)) from err
 
@@ -322,16 +327,22 @@ def retry_transient(task_, task_run, state) -> bool:
     persist_result=False,
     retry_condition_fn=retry_transient,
 )
-def run_stage(stage: str, root: str, parent_run_id: str, timeout_s: float, gpu: str | None = None):
+def run_stage(
+    stage: str, root: str, parent_run_id: str, timeout_s: float, gpu: str | None = None, fresh: bool = False
+):
     """One DVC stage in a subprocess, then its MLflow child run (tagged or created). Returns the StageOutcome; a
-    stage DVC skipped ends in a Completed state named "Skipped", so the UI tells it from one that ran."""
+    stage DVC skipped ends in a Completed state named "Skipped", so the UI tells it from one that ran. A `fresh`
+    stage (up to date in the flow's `dvc status` and no upstream stage ran since) is skipped without a process."""
     from prefect.runtime import task_run
     from prefect.states import Completed
 
     logger = get_run_logger()
     path = Path(root)
-    env = stage_env(path, parent_run_id, gpu)
-    status, seconds = execute_with_lock_retries(stage, path, env, timeout_s, logger.info, settings.lock_retries())
+    if fresh:
+        status, seconds = lineage.SKIPPED, 0.0
+    else:
+        env = stage_env(path, parent_run_id, gpu)
+        status, seconds = execute_with_lock_retries(stage, path, env, timeout_s, logger.info, settings.lock_retries())
     client = lineage.client(path)
     with dvc_repo_lock(path):
         record = (lineage.record_executed if status == lineage.EXECUTED else lineage.record_skipped)(
@@ -447,6 +458,11 @@ class StageScheduler:
         free = self.limit - len(running)
         return [s for s in pending if all(u in self.done for u in self.upstream[s])][: max(free, 0)]
 
+    def fresh(self, stage: str, up_to_date: set[str]) -> bool:
+        """Up to date when the flow started, and every upstream stage was skipped (none changed its outputs)."""
+        return stage in up_to_date and all(
+            getattr(self.done.get(u), "status", None) == "skipped" for u in self.upstream[stage])
+
     def run(self, submit: Callable[[str, str | None], object], stagger_s: float = 0.0) -> None:
         """`submit(stage, gpu)` returns a Prefect future whose result is the task's final state."""
         pending, running, error = list(self.stages), {}, None
@@ -493,7 +509,7 @@ def pipeline(
     from prefect.runtime import flow_run
 
     path = Path(root).resolve()
-    stages, upstream = stage_plan(path)
+    stages, upstream, fresh = stage_plan(path, status=True)
     profile = read_profile(path)
     timeout = settings.stage_timeout_s() if stage_timeout_s is None else stage_timeout_s
     run = run_stage.with_options(
@@ -506,7 +522,8 @@ def pipeline(
     result = PipelineResult(parent, lineage.experiment_id(client), profile, stages)
     scheduler = StageScheduler(stages, upstream, settings.concurrent_stages(), settings.stage_gpus())
     try:
-        scheduler.run(lambda stage, gpu: run.submit(stage, str(path), parent, timeout, gpu),
+        scheduler.run(lambda stage, gpu: run.submit(stage, str(path), parent, timeout, gpu,
+                                                    scheduler.fresh(stage, fresh)),
                       stagger_s=settings.stage_stagger_s())
     except BaseException as err:
         result.outcomes = scheduler.outcomes()

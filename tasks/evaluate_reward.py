@@ -98,7 +98,8 @@ def run(params: Params, root: Path) -> dict:
     }
     store.write_json(metric_file(results), root / REPORTS["eval"])
     models = [m.name for m in cfg.models]
-    headline = metrics.evaluate_reward(results.get(cfg.split, {}), models[0], models)
+    # The split's labels come from the cycle score, so raw cycle is 100% there by construction: not a baseline.
+    headline = metrics.evaluate_reward(results.get(cfg.split, {}), models[0], [*models, "cycle"])
     metrics.write_parts(root, "evaluate_reward", headline, metrics.TASKS)
     md = root / REPORTS["eval_md"]
     with store.atomic_path(md) as tmp:

@@ -1,5 +1,5 @@
 """Stage sandbox_report: the pipeline's numbers judged against the sandbox world's ground truth
-(cyclepref.world.report). Writes reports/sandbox.json (DVC metrics), reports/sandbox.md with plots and examples
+(cyclepref.world.report). Writes reports/sandbox.json, reports/metrics/sandbox_report_<task>.json (DVC metrics), reports/sandbox.md with plots and examples
 under reports/sandbox/, and logs them as MLflow artifacts."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from cyclepref import stage, tables
+from cyclepref import metrics, stage, tables
 from cyclepref.config import Params, require
 from cyclepref.downstream import report_path
 from cyclepref.reward import REPORTS
+from cyclepref.world import numbers
 from cyclepref.world import report as rp
 from cyclepref.world.data import scenes
 from cyclepref.world.truth import load_truth
@@ -115,6 +116,7 @@ def run(params: Params, root: Path) -> dict:
     examples = rp.examples_markdown(root, truth, {**f1["i2t"], **f1["t2i"]}, assets)
     (root / JSON).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     (root / MD).write_text(rp.markdown(report, examples))
+    metrics.write_parts(root, "sandbox_report", numbers.headline_metrics(report), metrics.TASKS)
     mlflow.log_artifact(str(root / JSON), "sandbox")
     mlflow.log_artifact(str(root / MD), "sandbox")
     mlflow.log_artifacts(str(assets), "sandbox/sandbox")

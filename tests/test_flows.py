@@ -328,3 +328,33 @@ def test_cli_reports_a_config_error_with_exit_2(monkeypatch, tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     result = CliRunner().invoke(app, ["pipeline", "--root", str(tmp_path)])
     assert result.exit_code == 2 and "invalid" in result.output
+
+
+@pytest.mark.slow
+def test_noop_pipeline_starts_no_stage_process_and_reruns_what_changed(prefect_api, mlflow_uri, tmp_path, monkeypatch):
+    """One `dvc status` decides the up-to-date stages: a no-op run starts no `dvc repro` process; after an input
+    changes, its stage and every stage below it go through DVC again."""
+    import flows.pipeline as fp
+
+    copy = 'python -c "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])" {} {}'
+    stages = {"a": {"cmd": copy.format("in.txt", "a.txt"), "deps": ["in.txt"], "outs": ["a.txt"]},
+              "b": {"cmd": copy.format("a.txt", "b.txt"), "deps": ["a.txt"], "outs": ["b.txt"]},
+              "c": {"cmd": copy.format("other.txt", "c.txt"), "deps": ["other.txt"], "outs": ["c.txt"]}}
+    project = command_project(tmp_path / "chain", stages, files={"in.txt": "1\n", "other.txt": "x\n"})
+    first = pipeline(root=str(project), trigger="test", stage_retries=0)
+    assert sorted(o.status for o in first.outcomes) == ["executed"] * 3
+    started: list[str] = []
+    real = fp.execute_stage
+    monkeypatch.setattr(fp, "execute_stage", lambda stage, *a, **k: started.append(stage) or real(stage, *a, **k))
+
+    second = pipeline(root=str(project), trigger="test", stage_retries=0)
+    assert started == [] and [o.status for o in second.outcomes] == ["skipped"] * 3
+    kids = lineage.children(MlflowClient(mlflow_uri), second.parent_run_id)
+    producers = {o.stage: o.child_run_id for o in first.outcomes}
+    assert {k.info.run_name: k.data.tags[lineage.SOURCE_TAG] for k in kids} == producers
+
+    (project / "in.txt").write_text("2\n")
+    third = pipeline(root=str(project), trigger="test", stage_retries=0)
+    assert sorted(started) == ["a", "b"]
+    assert {o.stage: o.status for o in third.outcomes} == {"a": "executed", "b": "executed", "c": "skipped"}
+    assert (project / "b.txt").read_text() == "2\n"

@@ -31,6 +31,7 @@ HEADLINES = {
     "dpo_vlm": [None],
     "diffusion_dpo": [None],
     "evaluate_downstream": metrics.TASKS,
+    "sandbox_report": metrics.TASKS,
 }
 """The stages whose DVC metrics are headline files, and the parts each writes."""
 
@@ -90,7 +91,7 @@ def test_dvc_metrics_are_the_headline_files_the_stages_write():
         declared = sorted(str(o.def_path) for o in stage.outs if o.metric)
         if name in HEADLINES:
             assert declared == sorted(metrics.path(name, part) for part in HEADLINES[name]), name
-        elif name != "sandbox_report":
+        else:
             assert declared == [], name
     gate = stages["gate@pairs"]
     assert {str(o.def_path) for o in gate.outs if not o.metric} == {"reports/dq/pairs.json", "reports/dq/pairs.md"}
@@ -107,9 +108,11 @@ def test_each_idea_is_one_chart_with_a_colour_per_series(tmp_path):
     (project / ".dvc/plots/series.json").write_text((ROOT / ".dvc/plots/series.json").read_text())
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
     (project / "dvc.yaml").write_text(yaml.safe_dump({"plots": plots}))
+    bounds = [f"{v}_{side}" for v in VERIFIERS for side in ("low", "high")]
     for task in metrics.TASKS:
-        rows = [",".join(["n", *VERIFIERS])] + [",".join([str(n), *(str(0.1 * k + n) for k in range(4))])
-                                                for n in (1, 2, 4)]
+        rows = [",".join(["n", *VERIFIERS, *bounds])] + [
+            ",".join([str(n), *(str(0.1 * k + n) for k in range(4)), *(str(n + 0.01 * k) for k in range(8))])
+            for n in (1, 2, 4)]
         (project / f"reports/downstream/best_of_n_{task}.csv").write_text("\n".join(rows) + "\n")
     shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=project,
                            capture_output=True, text=True, check=True)
@@ -120,6 +123,10 @@ def test_each_idea_is_one_chart_with_a_colour_per_series(tmp_path):
         spec = chart["content"]
         assert spec["encoding"]["color"]["field"] == "field"
         assert sorted({row["field"] for row in spec["data"]["values"]}) == sorted(VERIFIERS)
+        band = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "errorband")
+        assert (band["encoding"]["y"]["field"], band["encoding"]["y2"]["field"]) == ("interval_low", "interval_high")
+        assert "datum[datum.field + '_low']" in json.dumps(spec["transform"])
+        assert all(f"{row['field']}_low" in row for row in spec["data"]["values"])
         titles.add(spec["title"] if isinstance(spec["title"], str) else spec["title"]["text"])
     assert len(titles) == 2 and all(titles)
 

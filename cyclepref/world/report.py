@@ -18,6 +18,7 @@ from PIL import Image
 
 from cyclepref import stats
 from cyclepref.reward.evaluate import wilson
+from cyclepref.world import verdicts
 from cyclepref.world.parse import Parsed, as_parsed, parse_caption, parse_image
 from cyclepref.world.parse import f1 as parsed_f1
 from cyclepref.world.truth import caption_quality, image_quality
@@ -294,7 +295,7 @@ def headline(report: dict) -> dict[str, float]:
 
 
 def markdown(report: dict, examples: list[str]) -> str:
-    lines = ["# Sandbox report: cycle consistency against ground truth", "",
+    lines = ["# Sandbox report: cycle consistency against ground truth", "", *verdicts.markdown(report),
              "Every number here is judged by the world's ground truth (parsed scenes, attribute-level F1), not by "
              "a model of the pipeline. Intervals are 95% (Wilson for shares, bootstrap over inputs for means).", "",
              f"Inputs with ground truth: {report['inputs_with_truth']}."
