@@ -32,8 +32,10 @@ Every raw item becomes either a normalised input or a quarantine record (source,
 `<file>:<line>`), so raw items = inputs + quarantined, always. Paths named by data or found under the folder are read
 only when they resolve inside it (cyclepref.paths). Images: EXIF orientation applied, 16-bit grey scaled to 8 bits,
 alpha composited on BACKGROUND, CMYK / palette converted, animations reduced to their first frame, each change named
-in the `note` column; stored as RGB PNG bytes. Texts: NFC-normalised, control characters and ANSI escape sequences
-removed (noted), white space collapsed. Ids: a row's "id" when given, else the content hash; of several valid items
+in the `note` column; stored as RGB PNG bytes; an entry named like an image that is no regular file (a directory,
+FIFO, socket or device) is quarantined without being opened. Texts: NFC-normalised, control characters (Cc), format
+characters (Cf: bidi overrides, zero-width spaces) and ANSI escape sequences removed (counted in the note), white space
+collapsed; a texts row's keys other than TEXT_ROW_KEYS are ignored and named in the note. Ids: a row's "id" when given, else the content hash; of several valid items
 with the same content or the same id, KEEP_RULE decides which one is kept and the others are quarantined.
 """
 

@@ -102,9 +102,14 @@ def _walk(top: Path) -> list[tuple[Path, tuple[str, str] | None]]:
 
 
 def problems(root: Path, dvc_file: str | Path, params: Params) -> list[str]:
-    """Every offending entry under the deps of the stages of `dvc_file` (none outside root is looked at)."""
+    """Every offending entry under the deps of the stages of `dvc_file` (none outside root is looked at; a dvc.yaml
+    that cannot be read is left to DVC to report)."""
+    try:
+        deps = stage_dep_paths(dvc_file, params)
+    except (OSError, yaml.YAMLError, AttributeError, TypeError):
+        return []
     found: list[str] = []
-    for dep in stage_dep_paths(dvc_file, params):
+    for dep in deps:
         try:
             key = relative_key(dep)
         except OutsideRoot:

@@ -504,9 +504,9 @@ def pipeline(
     from prefect.runtime import flow_run
 
     path = Path(root).resolve()
-    preflight(path)
     stages, upstream = stage_plan(path)
     profile = read_profile(path)
+    preflight(path)
     timeout = settings.stage_timeout_s() if stage_timeout_s is None else stage_timeout_s
     run = run_stage.with_options(
         retries=settings.stage_retries() if stage_retries is None else stage_retries,
