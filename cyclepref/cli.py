@@ -87,8 +87,23 @@ def profile_use(
 def profile_check(
     path: Path = typer.Argument(PARAMS, help="A params file to validate."), dvc_file: Path = DVC_FILE_OPTION
 ) -> None:
-    """Validate a params file against the schema and the stages of dvc.yaml; print every bad key or missing section."""
+    """Validate a params file against the schema and the stages of dvc.yaml; print every bad key, missing section,
+    missing local model, and every entry under a stage's deps that DVC cannot hash (the preflight)."""
+    from cyclepref.config import ParamsError
+    from cyclepref.preflight import require_clean
+    from cyclepref.profiles import missing_models
+
     params = _checked(path, dvc_file)
+    missing = missing_models(params, Path.cwd(), dvc_file)
+    if missing:
+        typer.echo(f"{path}: local model path(s) not found:\n" + "\n".join(f"  {m}" for m in missing), err=True)
+        raise typer.Exit(2)
+    if dvc_file.exists():
+        try:
+            require_clean(Path.cwd(), dvc_file, params)
+        except ParamsError as err:
+            typer.echo(str(err), err=True)
+            raise typer.Exit(2) from None
     typer.echo(f"{path}: valid (profile {params.profile})")
 
 

@@ -14,6 +14,7 @@ contract first (cyclepref.tables.conform_to_contract).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -83,6 +84,11 @@ def _texts(keys: list[str], texts: list[str]) -> pa.Table:
 
 def _image_rows(keys: list[str], pngs: list[bytes]) -> pa.Table:
     return pa.table({"key": keys, "image": pngs}, schema=IMAGE_ROWS)
+
+
+def _digests(keys: list[str], images: pa.ChunkedArray) -> dict[str, str]:
+    """key -> sha256 of its image bytes: what a stored result computed from the image is bound to."""
+    return {k: hashlib.sha256(img.as_py() or b"").hexdigest() for k, img in zip(keys, images, strict=True)}
 
 
 def _lookup(table: pa.Table, key: str) -> dict[str, int]:
@@ -178,12 +184,14 @@ def reconstruct_i2t(ctx: Context, spec: T2ISpec, batch_size: int) -> dict:
     for r in cands.select(["text_key", "input_id", "text"]).to_pylist():
         first.setdefault(r["text_key"], r)
     unique = sorted(first.values(), key=lambda r: (r["input_id"], r["text_key"]))
-    key_of_text = {r["text_key"]: key_of(r["text_key"], gen_hash) for r in unique}
+    item_of_text = {r["text_key"]: key_of(r["text_key"], gen_hash) for r in unique}
+    key_of_text = {r["text_key"]: key_of(item_of_text[r["text_key"]], r["text"]) for r in unique}
     text_of = {key_of_text[r["text_key"]]: r["text"] for r in unique}
+    seed_of_key = {key_of_text[t]: seed_of(item) for t, item in item_of_text.items()}
     work = ctx.work("reconstruct_i2t", IMAGE_ROWS)
 
     def compute(batches: list[list[str]]) -> Iterator[pa.Table]:
-        payloads = ({"prompts": [text_of[k] for k in b], "seeds": [seed_of(k) for k in b]} for b in batches)
+        payloads = ({"prompts": [text_of[k] for k in b], "seeds": [seed_of_key[k] for k in b]} for b in batches)
         results = map_batches("render", local_spec(ctx.root, spec), ctx.device, payloads)
         return (_image_rows(b, images) for b, images in zip(batches, results))
 
@@ -199,7 +207,7 @@ def reconstruct_i2t(ctx: Context, spec: T2ISpec, batch_size: int) -> dict:
                 "input_id": [first[t]["input_id"] for t in text_keys],
                 "text": [first[t]["text"] for t in text_keys],
                 "model": [spec.name] * len(keys),
-                "seed": [seed_of(k) for k in keys],
+                "seed": [seed_of_key[k] for k in keys],
                 "gen_hash": [gen_hash] * len(keys),
                 "image": images,
             },
@@ -212,7 +220,8 @@ def reconstruct_i2t(ctx: Context, spec: T2ISpec, batch_size: int) -> dict:
 
 
 def score_i2t(ctx: Context, metric, batch_size: int) -> dict:
-    """similarity(input image, reconstruction) per distinct caption, joined back to every candidate."""
+    """similarity(input image, reconstruction) per distinct caption, joined back to every candidate. A stored score
+    is reused only when the caption, its reconstruction, the input image and the metric are all unchanged."""
     from cyclepref.models.similarity import ImageSimilarity
     from cyclepref.scoring import DIRECTIONS
 
@@ -222,18 +231,24 @@ def score_i2t(ctx: Context, metric, batch_size: int) -> dict:
     sim = None
     originals: dict = {}
     score_key: dict[str, str] = {}
+    rec_text: dict[str, str] = {}
     computed = 0
+    inputs = read_inputs(ctx, "image")
+    input_row = _lookup(inputs, "input_id")
+    input_digest = _digests(inputs.column("input_id").to_pylist(), inputs.column("image"))
     for shard in iter_shards(ctx.path("i2t_reconstructions")):
-        rec_keys = [key_of(t, g, metric_hash) for t, g in zip(
-            shard.column("text_key").to_pylist(), shard.column("gen_hash").to_pylist(), strict=True)]
-        score_key.update(zip(shard.column("text_key").to_pylist(), rec_keys, strict=True))
+        text_keys, texts = shard.column("text_key").to_pylist(), shard.column("text").to_pylist()
+        digests = _digests(text_keys, shard.column("image"))
+        gens, ids = shard.column("gen_hash").to_pylist(), shard.column("input_id").to_pylist()
+        rec_keys = [key_of(t, text, g, digests[t], input_digest.get(i, "missing"), metric_hash)
+                    for t, text, g, i in zip(text_keys, texts, gens, ids, strict=True)]
+        score_key.update(zip(text_keys, rec_keys, strict=True))
+        rec_text.update(zip(text_keys, texts, strict=True))
         todo = work.todo(rec_keys)
         if not todo:
             continue
         if sim is None:
             sim = ImageSimilarity(local_spec(ctx.root, metric), ctx.device)
-            inputs = read_inputs(ctx, "image")
-            input_row = _lookup(inputs, "input_id")
         row = {k: i for i, k in enumerate(rec_keys)}
         shard_inputs = shard.column("input_id").to_pylist()
         need = sorted({shard_inputs[row[k]] for k in todo} - set(originals))
@@ -255,6 +270,12 @@ def score_i2t(ctx: Context, metric, batch_size: int) -> dict:
     missing = sorted(set(text_keys) - set(score_key))
     if missing:
         raise RuntimeError(f"score_i2t: {len(missing)} caption(s) have no reconstruction; rerun reconstruct_i2t")
+    changed = [c for c, t, text in zip(cands.column("candidate_id").to_pylist(), text_keys,
+                                       cands.column("text").to_pylist(), strict=True)
+               if rec_text[t].strip().lower() != text.strip().lower()]
+    if changed:
+        raise RuntimeError(f"score_i2t: {len(changed)} caption(s) differ from the text their reconstruction was made "
+                           f"from (e.g. candidate {changed[0]}); rerun reconstruct_i2t")
     scores = work.rows([score_key[t] for t in text_keys]).column("score")
     n = cands.num_rows
     out = pa.table(
@@ -324,7 +345,8 @@ def reconstruct_t2i(ctx: Context, spec: CaptionerSpec, batch_size: int) -> dict:
     computed = 0
     for shard in iter_shards(ctx.path("t2i_candidates")):
         rows = shard.select(["candidate_id", "input_id", "model"]).to_pylist()
-        keys = [key_of(r["candidate_id"], gen_hash) for r in rows]
+        digests = _digests([r["candidate_id"] for r in rows], shard.column("image"))
+        keys = [key_of(r["candidate_id"], gen_hash, digests[r["candidate_id"]]) for r in rows]
         meta += [{**r, "key": k} for r, k in zip(rows, keys, strict=True)]
         row = {k: i for i, k in enumerate(keys)}
 
@@ -361,7 +383,7 @@ def score_t2i(ctx: Context, metric, batch_size: int) -> dict:
     prompts = {r["input_id"]: r["prompt"] for r in rows}
     metric_hash = key_of("metric", metric.kind, ctx.fingerprint(metric.path, metric.revision))
     rows = recs.select(["candidate_id", "input_id", "model", "text"]).to_pylist()
-    keys = [key_of(r["candidate_id"], r["text"], metric_hash) for r in rows]
+    keys = [key_of(r["candidate_id"], r["text"], prompts.get(r["input_id"], ""), metric_hash) for r in rows]
     work = ctx.work("score_t2i", SCORE_ROWS)
     todo = work.todo(keys)
     if todo:

@@ -32,12 +32,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cyclepref.gatecheck import (  # noqa: F401  (re-exported)
+    CRITICAL,
+    GATES,
+    REPORT_DIR,
+    GateFailed,
+    failure_message,
+    gates_read_by,
+    require_passed,
+    require_read,
+)
 from cyclepref.config import CandidatesGate, InputsGate, PairsGate, ReconstructionsGate, ScoresGate, Section
 from cyclepref.inputs import INPUTS_SCHEMA
 from cyclepref.scoring import DIRECTIONS, oriented
-from cyclepref.tables import I2T_CANDIDATES, I2T_RECONSTRUCTIONS, PAIRS, SCORES, T2I_CANDIDATES, T2I_RECONSTRUCTIONS
+from cyclepref.tables import (
+    I2T_CANDIDATES,
+    I2T_RECONSTRUCTIONS,
+    PAIRS,
+    SCORES,
+    T2I_CANDIDATES,
+    T2I_RECONSTRUCTIONS,
+)
 
-CRITICAL, WARNING = "critical", "warning"
+WARNING = "warning"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METRIC_RANGES: dict[str, tuple[float, float]] = {
     "open_clip": (-1.0 - 1e-4, 1.0 + 1e-4),
@@ -595,45 +612,10 @@ def check(gate: str, table: pa.Table, thresholds: Section, path: str | None = No
     return functions[kind](task, table, thresholds, path=path, **related)
 
 
-class GateFailed(RuntimeError):
-    """A stage was asked to run on a table whose gate failed or never ran."""
 
-
-def require_passed(report_dir: str | Path, tables: Mapping[str, str | Path]) -> None:
-    """Raise GateFailed unless every named gate wrote a passing report on the table (gate name -> its path) as it is
-    now, so a stage run alone (e.g. `dvc repro --single-item`) never consumes a table that failed its gate, was
-    never gated, or changed after its gate passed."""
-    from cyclepref.store import table_digest
-
-    for name, table in tables.items():
-        path = Path(report_dir) / f"{name}.json"
-        if not path.exists():
-            raise GateFailed(f"{path} not found: run the gate first (`dvc repro gate@{name}`)")
-        report = json.loads(path.read_text())
-        if not report.get("success"):
-            raise GateFailed(f"gate {name} failed, see {path.with_suffix('.md')}:\n{failure_message(report)}")
-        checked, now = report.get("digest"), table_digest(table)
-        if checked != now:
-            seen = f"digest {checked[:12]}" if isinstance(checked, str) else "no digest"
-            raise GateFailed(
-                f"{path} is stale: gate {name} checked another version of {table} ({seen}, now {now[:12]}); "
-                f"rerun the gate (`dvc repro gate@{name}`)"
-            )
 
 
 # ---------------------------------------------------------------- rendering
-
-
-def failure_message(report: dict) -> str:
-    """The failing checks, one line each, critical first."""
-    failed = [(n, c) for n, c in report["checks"].items() if not c["success"]]
-    failed.sort(key=lambda nc: nc[1]["severity"] != CRITICAL)
-    head = "FAILED" if not report["success"] else "passed with warnings" if failed else "passed"
-    lines = [f"gate {report['gate']} ({report['table']}, {report['rows']} rows): {head}"]
-    for name, c in failed:
-        ex = f"; e.g. {', '.join(map(str, c['examples']))}" if c["examples"] else ""
-        lines.append(f"  [{c['severity']}] {name}: observed {c['observed']}; expected {c['expected']}{ex}")
-    return "\n".join(lines)
 
 
 def render_markdown(report: dict) -> str:

@@ -36,8 +36,10 @@ Every raw item becomes either a normalised input or a quarantine record (source,
 `<file>:<line>`), so raw items = inputs + quarantined, always. Paths named by data or found under the folder are read
 only when they resolve inside it (cyclepref.paths). Images: EXIF orientation applied, 16-bit grey scaled to 8 bits,
 alpha composited on BACKGROUND, CMYK / palette converted, animations reduced to their first frame, each change named
-in the `note` column; stored as RGB PNG bytes. Texts: NFC-normalised, control characters and ANSI escape sequences
-removed (noted), white space collapsed. Ids: a row's "id" when given, else the content hash; of several valid items
+in the `note` column; stored as RGB PNG bytes; an entry named like an image that is no regular file (a directory,
+FIFO, socket or device) is quarantined without being opened. Texts: NFC-normalised, control characters (Cc), format
+characters (Cf: bidi overrides, zero-width spaces) and ANSI escape sequences removed (counted in the note), white space
+collapsed; a texts row's keys other than TEXT_ROW_KEYS are ignored and named in the note. Ids: a row's "id" when given, else the content hash; of several valid items
 with the same content or the same id, KEEP_RULE decides which one is kept and the others are quarantined.
 """
 
@@ -60,7 +62,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 
 from cyclepref.config import PrepareInputs
-from cyclepref.paths import OutsideRoot, display, inside, relative_key
+from cyclepref.paths import OutsideRoot, display, inside, relative_key, special_kind
 
 SUFFIX_FORMATS = {
     ".jpg": {"JPEG", "MPO"},
@@ -113,6 +115,7 @@ class RawItem:
     id: object | None = None
     row: str | None = None
     problem: str | None = None
+    ignored: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,17 @@ def iter_folder(root: Path, texts_file: str | None) -> Iterator[RawItem]:
         yield _image_item(root, key, by_file[key])
     for row in text_only:
         d = row.data
-        yield RawItem(row.where, None, prompt=d.get("prompt", d.get("text")), id=d.get("id"), row=row.where)
+        yield RawItem(row.where, None, d.get("prompt", d.get("text")), d.get("caption"), d.get("id"), row.where,
+                      ignored=_unknown_keys(d, TEXT_ROW_KEYS))
+
+
+TEXT_ROW_KEYS = frozenset({"file", "prompt", "caption", "id"})
+"""The keys a texts row is read for; a text-only row may give its prompt as "text" instead."""
+
+
+def _unknown_keys(data: dict, known: frozenset[str]) -> tuple[str, ...]:
+    prompt_alias = {"text"} if "file" not in data and "prompt" not in data else set()
+    return tuple(sorted(k for k in data if k not in known | prompt_alias))
 
 
 def _texts_path(root: Path, texts_file: str) -> Path:
@@ -248,15 +261,16 @@ def _file_key(value: object) -> str:
 
 
 def _image_files(root: Path) -> list[Path]:
-    """Files and symlinks (broken ones too) with an image suffix under root; symlinked folders are not entered."""
-    return sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_symlink() or p.is_file())
-    )
+    """Every entry with an image suffix under root: files, symlinks (broken ones too), and the directories, FIFOs,
+    sockets and devices named like images (they are quarantined, never silently skipped); symlinked folders are not
+    entered."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _image_item(root: Path, rel: str, row: TextRow | None) -> RawItem:
     d = row.data if row else {}
-    item = RawItem(display(rel), None, d.get("prompt"), d.get("caption"), d.get("id"), row.where if row else None)
+    item = RawItem(display(rel), None, d.get("prompt"), d.get("caption"), d.get("id"), row.where if row else None,
+                   ignored=_unknown_keys(d, TEXT_ROW_KEYS))
     try:
         return replace(item, image=inside(root, rel))
     except OutsideRoot as err:
@@ -432,7 +446,8 @@ def _read_file(path: Path) -> bytes:
     if not path.exists():
         raise InvalidInput("file not found")
     if not path.is_file():
-        raise InvalidInput("not a regular file")
+        kind = special_kind(path)
+        raise InvalidInput(f"not a regular file: {kind} named like an image" if kind else "not a regular file")
     if path.stat().st_size == 0:
         raise InvalidInput("empty file (0 bytes)")
     return path.read_bytes()
@@ -503,23 +518,30 @@ def _extension_note(image: object, fmt: str | None) -> list[str]:
 
 
 def clean_text(value: object, field: str, max_chars: int, notes: list[str] | None = None) -> str | None:
-    """NFC-normalised text without control characters or ANSI escapes, white space collapsed; removals are noted."""
+    """NFC-normalised text without control characters (Cc), format characters (Cf: bidi overrides, zero-width
+    spaces) or ANSI escapes, white space collapsed; removals are noted."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise InvalidInput(f"{field} has wrong type {type(value).__name__} (expected a string)")
     if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
         raise InvalidInput(f"{field} is not valid Unicode (lone surrogate)")
-    text = ANSI_ESCAPE.sub("", unicodedata.normalize("NFC", value))
-    text = "".join(c for c in text if c.isspace() or unicodedata.category(c) != "Cc")
-    removed = len(unicodedata.normalize("NFC", value)) - len(text)
+    nfc = unicodedata.normalize("NFC", value)
+    text = ANSI_ESCAPE.sub("", nfc)
+    formats = sorted({f"U+{ord(c):04X}" for c in text if unicodedata.category(c) == "Cf"})
+    n_formats = sum(unicodedata.category(c) == "Cf" for c in text)
+    text = "".join(c for c in text if c.isspace() or unicodedata.category(c) not in ("Cc", "Cf"))
+    removed = len(nfc) - len(text) - n_formats
     text = " ".join(text.split())
     if not text:
-        raise InvalidInput(f"{field} is empty" + (" after removing control characters" if removed else ""))
+        kinds = [kind for kind, n in (("control", removed), ("format", n_formats)) if n]
+        raise InvalidInput(f"{field} is empty" + (f" after removing {' and '.join(kinds)} characters" if kinds else ""))
     if len(text) > max_chars:
         raise InvalidInput(f"{field} too long ({len(text)} > {max_chars} characters)")
     if removed and notes is not None:
         notes.append(f"{removed} control character(s) and escape codes removed from {field}")
+    if n_formats and notes is not None:
+        notes.append(f"{n_formats} format character(s) ({', '.join(formats)}) removed from {field}")
     return text
 
 
@@ -556,7 +578,7 @@ def content_id(image: bytes | None, prompt: str | None) -> str:
 def validate(item: RawItem, cfg: PrepareInputs) -> PreparedInput:
     if item.problem:
         raise InvalidInput(item.problem)
-    notes: list[str] = []
+    notes: list[str] = [f"unknown key(s) {list(item.ignored)} ignored"] if item.ignored else []
     prompt = clean_text(item.prompt, "prompt", cfg.max_text_chars, notes)
     caption = clean_text(item.caption, "caption", cfg.max_text_chars, notes)
     given_id = explicit_id(item.id)

@@ -5,6 +5,7 @@ Every loader and the retrain ingest go through `inside`."""
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path, PurePosixPath
 
 
@@ -45,3 +46,17 @@ def display(path: str | Path) -> str:
         return os.fsencode(path).decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:
         return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+SPECIAL_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def special_kind(path: str | Path, follow: bool = True) -> str | None:
+    """What `path` is when it is not a regular file (a directory, FIFO, socket or device), from its mode alone:
+    nothing is opened, so a FIFO never blocks. None for a regular file or a path that does not exist."""
+    try:
+        mode = os.stat(path, follow_symlinks=follow).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((kind for test, kind in SPECIAL_KINDS if test(mode)), None)

@@ -92,8 +92,10 @@ def require_sections(params: Params, dvc_file: str | Path, source: str, stages: 
 
 
 def is_hub_id(path: str, root: Path) -> bool:
-    """Loaders read `path` as a hub id when no such local directory exists and it has the form org/name."""
-    return HUB_ID.match(path) is not None and not (Path(root) / path).exists()
+    """Loaders read `path` as a hub id when it has the form org/name and neither it nor its first component exists
+    locally (`models/captioner-typo` beside a local `models/` folder is a local path that is missing)."""
+    local = Path(root) / path
+    return HUB_ID.match(path) is not None and not local.exists() and not local.parent.is_dir()
 
 
 def unpinned_models(section: object, where: str, root: Path) -> list[str]:
@@ -104,7 +106,8 @@ def unpinned_models(section: object, where: str, root: Path) -> list[str]:
         path, revision = getattr(section, "path", None), getattr(section, "revision", "")
         pinned = COMMIT.match(revision or "")
         if "revision" in fields and isinstance(path, str) and is_hub_id(path, root) and not pinned:
-            found.append(f"{where}: hub model {path} needs `revision: <40-hex commit hash>` (got {revision!r})")
+            found.append(f"{where}: hub model {path} needs `revision: <40-hex commit hash>` (got {revision!r}); "
+                         f"if it is meant as a local directory: {path} not found")
         for name in fields:
             found += unpinned_models(getattr(section, name), f"{where}.{name}", root)
     elif isinstance(section, list | tuple):
@@ -192,3 +195,56 @@ def require_pinned_datasets(params: Params, source: str) -> None:
     found = unpinned_datasets(params)
     if found:
         raise ParamsError(f"{source}: unpinned dataset(s):\n" + "\n".join(f"  {line}" for line in found))
+
+
+def stage_outs(dvc_file: str | Path) -> set[str]:
+    """Every output path of the stages of `dvc_file` (foreach stages expanded), as written there."""
+    data = yaml.safe_load(Path(dvc_file).read_text()) or {}
+    found: set[str] = set()
+    for stage in (data.get("stages") or {}).values():
+        if "foreach" in stage:
+            outs = (stage.get("do") or {}).get("outs") or []
+            found |= {_expand(_out_path(o), k, item) for k, item in _foreach(stage["foreach"]) for o in outs}
+        else:
+            found |= {_out_path(o) for o in stage.get("outs") or []}
+    return {o.rstrip("/") for o in found}
+
+
+def _out_path(entry: object) -> str:
+    return next(iter(entry)) if isinstance(entry, dict) else str(entry)
+
+
+def model_paths(value: object, where: str) -> list[tuple[str, str]]:
+    """(key, path) for every model named by a path: the `path` of a section with a `revision` (models, metrics,
+    backbones) or of a reward model entry, and every `clip`."""
+    if isinstance(value, BaseModel):
+        fields = type(value).model_fields
+        found = []
+        for name in fields:
+            field = getattr(value, name)
+            entry = "revision" in fields or type(value).__name__.endswith("ModelEntry")
+            if isinstance(field, str) and (name == "clip" or (name == "path" and entry)):
+                found.append((f"{where}.{name}", field))
+            else:
+                found += model_paths(field, f"{where}.{name}")
+        return found
+    if isinstance(value, list | tuple):
+        return [p for i, v in enumerate(value) for p in model_paths(v, f"{where}[{i}]")]
+    return []
+
+
+def missing_models(params: Params, root: Path, dvc_file: str | Path | None = None) -> list[str]:
+    """`key: local model path P not found` for every local model path of the profile that does not exist under root,
+    unless a stage of `dvc_file` writes it and has not run yet (a hub id or an `hf-hub:` id is no local path)."""
+    outs = stage_outs(dvc_file) if dvc_file is not None and Path(dvc_file).exists() else set()
+    found = []
+    for name in type(params).model_fields:
+        for key, path in model_paths(getattr(params, name, None), name):
+            if path.startswith("hf-hub:") or "/" not in path or is_hub_id(path, root) or (Path(root) / path).exists():
+                continue
+            norm = path.rstrip("/")
+            if any(norm == o or norm.startswith(o + "/") and not (Path(root) / o).exists() for o in outs):
+                continue
+            found.append(f"{key}: local model path {path} not found (no such directory under {root}, and no stage "
+                         f"writes it); fix the path or build the model first")
+    return found

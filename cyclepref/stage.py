@@ -10,9 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cyclepref.config import Params, ParamsError, load_params
-from cyclepref.profiles import require_pinned, require_pinned_datasets, require_sections, stage_sections
+from cyclepref.models import ModelLoadError
+from cyclepref.profiles import require_pinned, require_pinned_datasets, require_sections, stage_deps, stage_sections
 
 DVC_FILE = "dvc.yaml"
+PROJECT_DVC_FILE = Path(__file__).resolve().parents[1] / DVC_FILE
 
 log = logging.getLogger("cyclepref")
 
@@ -20,7 +22,8 @@ log = logging.getLogger("cyclepref")
 def main(stage: str, run: Callable[[Params, Path], dict], params_path: str = "params.yaml") -> dict:
     """Run `run(params, root)` for one stage inside its MLflow run; exit 2 with one line on a params error, including
     a section that dvc.yaml lists for this stage but the profile lacks, a hub model of its sections without a commit
-    hash, or a published dataset of the profile without its pin."""
+    hash, a published dataset of the profile without its pin, or a model that fails to load; exit 1 naming the gate
+    unless the gate of every gated table the stage reads (its deps in dvc.yaml) passed on that table as it is now."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(os.environ.get("CYCLEPREF_LOG_LEVEL", "INFO"))
     root = Path.cwd()
@@ -33,6 +36,7 @@ def main(stage: str, run: Callable[[Params, Path], dict], params_path: str = "pa
     except ParamsError as err:
         print(f"{stage}: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    require_gates(stage, root, params)
     from cyclepref.tracking import stage_run
 
     started = time.perf_counter()
@@ -45,11 +49,26 @@ def main(stage: str, run: Callable[[Params, Path], dict], params_path: str = "pa
 
             mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
             summary["mlflow_run_id"] = mlrun.info.run_id
-    except ParamsError as err:
+    except (ParamsError, ModelLoadError) as err:
         print(f"{stage}: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if k != "mlflow_run_id"))
     return summary
+
+
+def require_gates(stage: str, root: Path, params: Params) -> None:
+    """Exit 1 naming the gate unless every gated table among the stage's deps passed its gate as it is now. The deps
+    come from root/dvc.yaml; a root without one (a stage run outside a DVC project) is held to the project's own
+    dvc.yaml for the tables that exist under it."""
+    from cyclepref.gatecheck import GateFailed, require_read
+
+    dvc_file = root / DVC_FILE if (root / DVC_FILE).exists() else PROJECT_DVC_FILE
+    if not dvc_file.exists():
+        return
+    try:
+        require_read(stage, root, stage_deps(dvc_file, params).get(stage, []), only_present=dvc_file != root / DVC_FILE)
+    except GateFailed as err:
+        raise SystemExit(f"{stage}: {err}") from None
 
 
 def peak_memory() -> dict[str, float]:

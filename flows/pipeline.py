@@ -159,6 +159,17 @@ def _address(stage) -> str:
     return name if stage.path_in_repo == "dvc.yaml" else f"{stage.path_in_repo}:{name}"
 
 
+def preflight(root: Path) -> None:
+    """ConfigError with one line per entry under a stage's deps that DVC cannot hash (cyclepref.preflight)."""
+    from cyclepref.config import ParamsError, load_params
+    from cyclepref.preflight import require_clean
+
+    try:
+        require_clean(root, root / "dvc.yaml", load_params(root / "params.yaml"))
+    except ParamsError as err:
+        raise ConfigError("preflight", str(err).removeprefix("preflight: ")) from err
+
+
 def read_profile(root: Path) -> str:
     from cyclepref.config import ParamsError, load_params
 
@@ -511,6 +522,7 @@ def pipeline(
     path = Path(root).resolve()
     stages, upstream, fresh = stage_plan(path, status=True)
     profile = read_profile(path)
+    preflight(path)
     timeout = settings.stage_timeout_s() if stage_timeout_s is None else stage_timeout_s
     run = run_stage.with_options(
         retries=settings.stage_retries() if stage_retries is None else stage_retries,

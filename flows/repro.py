@@ -82,13 +82,17 @@ def failed_stage(result: ReproResult) -> str | None:
 def repro(
     root: Path, targets: list[str] | None = None, trigger: str = "make run", echo: Callable[[str], None] = print
 ) -> ReproResult:
-    """Run `dvc repro` in `root` under one parent MLflow run and record every stage it reported."""
+    """Run `dvc repro` in `root` under one parent MLflow run and record every stage it reported; first the preflight
+    (cyclepref.preflight: PreflightError, a ParamsError, before DVC hashes anything)."""
     from cyclepref.config import load_params
+    from cyclepref.preflight import require_clean
 
     root = root.resolve()
+    params = load_params(root / "params.yaml")
+    require_clean(root, root / "dvc.yaml", params)
     with chdir(root):
         client = lineage.client(root)
-        profile = load_params(root / "params.yaml").profile
+        profile = params.profile
         parent = lineage.start_pipeline_run(client, root, profile, trigger, {"cyclepref.runner": "dvc repro"})
         env = {**os.environ, lineage.PARENT_ENV: parent, "CYCLEPREF_MLFLOW_URI": client.tracking_uri}
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")

@@ -15,14 +15,12 @@ from cyclepref import metrics, stage, store, tables
 from cyclepref.config import Params, require
 from cyclepref.pairs import build_pairs, pair_stats
 from cyclepref.tables import PAIRS, PATHS, SCORES
-from tasks.gate import require_gates
 
 METRICS = "reports/pairs.json"
 
 
 def run(params: Params, root: Path) -> dict:
     cfg = require(params.build_pairs, "build_pairs")
-    require_gates("build_pairs", root, [f"{task}_scores" for task in cfg.tasks])
     scores = pa.concat_tables([store.read_table(root / PATHS[f"{task}_scores"], SCORES) for task in cfg.tasks])
     pairs, counts = build_pairs(scores, cfg)
     out = store.write_table(tables.conform_to_contract("pairs", pairs), root / PATHS["pairs"], PAIRS)

@@ -1,8 +1,9 @@
 """Stages generate_i2t, reconstruct_i2t, score_i2t, generate_t2i, reconstruct_t2i, score_t2i:
 `python -m tasks.cycle <stage>`.
 
-The six cycle stages share one frame: read the stage's params section, require the upstream gate, call the stage's
-function in cyclepref.cycle (where the logic is) with the section's models and batch size, log example rows.
+The six cycle stages share one frame (cyclepref.stage checks the gates of the tables each reads): read the stage's
+params section, call the stage's function in cyclepref.cycle (where the logic is) with the section's models and batch
+size, log example rows.
 Outputs: data/{i2t,t2i}/{candidates,reconstructions,scores}/ (see cyclepref.tables).
 """
 
@@ -13,23 +14,21 @@ from pathlib import Path
 
 from cyclepref import cycle, runtime, stage, tracking
 from cyclepref.config import Params, require
-from tasks.gate import require_gates
 
-# stage -> (the gate it requires, the params fields passed to cyclepref.cycle.<stage> before batch_size)
-STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "generate_i2t": ("inputs", ("captioners",)),
-    "reconstruct_i2t": ("i2t_candidates", ("model",)),
-    "score_i2t": ("i2t_reconstructions", ("metric",)),
-    "generate_t2i": ("inputs", ("models", "seeds")),
-    "reconstruct_t2i": ("t2i_candidates", ("captioner",)),
-    "score_t2i": ("t2i_reconstructions", ("metric",)),
+# stage -> the params fields passed to cyclepref.cycle.<stage> before batch_size
+STAGES: dict[str, tuple[str, ...]] = {
+    "generate_i2t": ("captioners",),
+    "reconstruct_i2t": ("model",),
+    "score_i2t": ("metric",),
+    "generate_t2i": ("models", "seeds"),
+    "reconstruct_t2i": ("captioner",),
+    "score_t2i": ("metric",),
 }
 
 
 def run(params: Params, root: Path, name: str) -> dict:
-    gate, fields = STAGES[name]
+    fields = STAGES[name]
     cfg = require(getattr(params, name), name)
-    require_gates(name, root, [gate])
     ctx = cycle.Context(root, runtime.device())
     summary = getattr(cycle, name)(ctx, *(getattr(cfg, f) for f in fields), runtime.batch_size(name, cfg.batch_size))
     tracking.log_examples(name, cycle.examples(ctx, name))

@@ -14,7 +14,6 @@ from pathlib import Path
 from cyclepref import metrics, stage, store
 from cyclepref.config import Params, require
 from cyclepref.reward import REPORTS
-from tasks.train_reward import require_pairs_gate
 
 NOTES = {
     "accuracy": "share of pairs where the scorer ranks the preferred item higher; exact ties count one half; "
@@ -49,7 +48,6 @@ def run(params: Params, root: Path) -> dict:
     from cyclepref.reward.model import RewardModel
 
     cfg = require(params.evaluate_reward, "evaluate_reward")
-    require_pairs_gate("evaluate_reward", cfg.data, root)
     device = runtime.device()
     scorers = [
         RewardScorer(m.name, runtime.place(RewardModel.from_pretrained(root / m.path), "blip_itm", device, ("head",)))

@@ -16,14 +16,12 @@ from cyclepref.config import Params, require
 from cyclepref.export import provenance, write_export
 from cyclepref.tables import PAIRS, PATHS
 from tasks.build_pairs import METRICS
-from tasks.gate import require_gates
 
 EXPORT_DIR = "data/export/dataset"
 
 
 def run(params: Params, root: Path) -> dict:
     cfg = require(params.export_dataset, "export_dataset")
-    require_gates("export_dataset", root, ["pairs"])
     pairs = store.read_table(root / PATHS["pairs"], PAIRS)
     tasks = set(pairs.column("task").to_pylist())
     inputs = pq.read_table(root / PATHS["inputs"], columns=["input_id", "image", "prompt"])

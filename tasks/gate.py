@@ -4,35 +4,22 @@
                                      t2i_reconstructions, i2t_scores, t2i_scores, pairs
 
 Outputs: reports/dq/<name>.json (the report, with the digest of the table it checked) and .md,
-reports/metrics/gate_<name>.json (DVC metric: passed, rows, warnings). Thresholds: params `gates.<name>`. Stages that
-consume a gated table call `require_gates`.
+reports/metrics/gate_<name>.json (DVC metric: passed, rows, warnings). Thresholds: params `gates.<name>`. Every stage
+checks the gates of the tables it reads before it runs (cyclepref.stage, cyclepref.gates.require_read).
 A failed gate exits 1 after writing its report and printing the failing checks, so DVC runs nothing downstream.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 from cyclepref import gates, metrics, stage, store
 from cyclepref.config import Gates, Params, require
+from cyclepref.gates import GATES
 from cyclepref.tables import PATHS
 
-REPORT_DIR = "reports/dq"
-
-
-GATES: dict[str, tuple[str, dict[str, str]]] = {
-    "inputs": ("inputs", {"quarantine": "quarantine"}),
-    "i2t_candidates": ("i2t_candidates", {"inputs": "inputs", "quarantine": "i2t_quarantine"}),
-    "i2t_reconstructions": ("i2t_reconstructions", {"candidates": "i2t_candidates"}),
-    "t2i_candidates": ("t2i_candidates", {"inputs": "inputs"}),
-    "t2i_reconstructions": ("t2i_reconstructions", {"candidates": "t2i_candidates"}),
-    "i2t_scores": ("i2t_scores", {"candidates": "i2t_candidates"}),
-    "t2i_scores": ("t2i_scores", {"candidates": "t2i_candidates"}),
-    "pairs": ("pairs", {}),
-}
-"""gate name -> (the table it validates, {keyword: upstream table it is checked against}), as keys of PATHS."""
+REPORT_DIR = gates.REPORT_DIR
 
 
 def table_path(name: str, root: Path) -> Path:
@@ -50,14 +37,6 @@ def evaluate(name: str, root: Path, thresholds: Gates) -> dict:
     if store.table_digest(table_path(name, root)) != digest:
         raise SystemExit(f"gate@{name}: {PATHS[table_key]} changed while it was checked; rerun the gate")
     return report | {"digest": digest}
-
-
-def require_gates(stage: str, root: Path, names: Iterable[str]) -> None:
-    """Exit with one line unless each named gate passed on its table as it is now (see gates.require_passed)."""
-    try:
-        gates.require_passed(root / REPORT_DIR, {name: table_path(name, root) for name in names})
-    except gates.GateFailed as err:
-        raise SystemExit(f"{stage}: {err}") from None
 
 
 def write_report(report: dict, root: Path) -> tuple[Path, Path]:

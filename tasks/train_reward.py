@@ -1,6 +1,6 @@
 """Stage train_reward: Bradley-Terry training of one reward model per variant (i2t | t2i | combo).
 
-Reads the pairs through cyclepref.reward.data (pipeline tables, which must have passed gate@pairs, or the exported
+Reads the pairs through cyclepref.reward.data (pipeline tables, whose gates cyclepref.stage checks, or the exported
 datasets). Outputs: data/reward/<variant>/model/ (best by validation loss), reports/reward/train.json,
 reports/metrics/train_reward_<variant>.json (DVC metric).
 Resume checkpoints live in data/work/reward/<variant>/ (not a DVC output), so a rerun after an interruption
@@ -21,15 +21,6 @@ from pathlib import Path
 from cyclepref import metrics, stage, store
 from cyclepref.config import Params, load_params, require
 from cyclepref.reward import REPORTS, WORK_DIR, model_dir
-
-
-def require_pairs_gate(stage_name: str, data, root: Path) -> None:
-    """Pairs read from the pipeline tables must have passed gate@pairs (as build_pairs requires its gates)."""
-    if data.source != "tables":
-        return
-    from tasks.gate import require_gates
-
-    require_gates(stage_name, root, ["pairs"])
 
 
 def _log_to_mlflow(metrics: dict[str, float], step: int) -> None:
@@ -62,7 +53,6 @@ def run(params: Params, root: Path) -> dict:
     from cyclepref.reward.train import fingerprint_body, train_variant
 
     cfg = require(params.train_reward, "train_reward")
-    require_pairs_gate("train_reward", cfg.data, root)
     source = open_source(cfg.data, root)
     accelerator = Accelerator(cpu=runtime.device() == "cpu")
     tracked = accelerator.is_main_process and mlflow.active_run() is not None

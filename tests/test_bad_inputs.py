@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures.bad_inputs import OUTSIDE, Case, write_corpus
+from fixtures.bad_inputs import OUTSIDE, Case, write_corpus, write_special_entries
 
 from cyclepref import inputs as inp
 from cyclepref import store
@@ -62,6 +62,31 @@ def test_corpus_through_prepare_inputs(corpus, tmp_path):
     for case in cases:
         assert_outcome(case, outcomes, case.source, case.reason)
     never_read_outside(tmp_path, folder)
+
+
+def test_entries_named_like_images_that_are_no_files_are_quarantined(corpus, tmp_path):
+    folder, cases = corpus
+    special = write_special_entries(folder)
+    summary, outcomes = run_prepare(tmp_path, "data/corpus")
+    assert summary["inputs"] + summary["quarantined"] == len(outcomes) == len(cases) + len(special)
+    for case in special:
+        assert_outcome(case, outcomes, case.source, case.reason)
+
+
+def test_preflight_flags_every_entry_dvc_cannot_hash_in_the_corpus(corpus, tmp_path):
+    from cyclepref.preflight import scan
+
+    folder, _ = corpus
+    write_special_entries(folder)
+    found = scan(tmp_path, "data/corpus")
+    flagged = {line.split(": ", 1)[0]: line for line in found}
+    expected = {"caf\\xe9.png": "not valid UTF-8", "loop.png": "symbolic link loop", "broken.png": "dangling",
+                "fifo.png": "a FIFO", "sock.png": "a socket"}
+    if (folder / "device.png").exists():
+        expected["device.png"] = "a character device"
+    assert set(flagged) == {f"data/corpus/{name}" for name in expected}, found
+    for name, what in expected.items():
+        assert what in flagged[f"data/corpus/{name}"] and "; fix: " in flagged[f"data/corpus/{name}"]
 
 
 def test_corpus_through_the_retrain_ingest_then_prepare_inputs(corpus, tmp_path):

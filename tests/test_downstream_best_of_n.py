@@ -23,6 +23,7 @@ from cyclepref.downstream.best_of_n import (
 from cyclepref.models.captioner import clean_caption
 from cyclepref.workstore import seed_of
 from fixtures.downstream import heldout_ids, make_root, write_downstream_params
+from fixtures.pipeline_tables import pass_gates
 from test_downstream_losses import image
 
 
@@ -107,6 +108,7 @@ def test_best_of_n_stage(zoo, tmp_path, mlflow_uri):
     from tasks import best_of_n as task
 
     make_root(tmp_path, zoo)
+    pass_gates(tmp_path)
     write_downstream_params(tmp_path, zoo)
     summary = stage.main("best_of_n", task.run)
 

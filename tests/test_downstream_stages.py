@@ -13,6 +13,7 @@ import torch
 
 from cyclepref.config import load_params
 from fixtures.downstream import REWARD, WORLD, make_root, write_downstream_params, write_scenes
+from fixtures.pipeline_tables import pass_gates
 
 
 def _adapter_files(run_id: str) -> set[str]:
@@ -32,6 +33,7 @@ def test_dpo_stages_train_reload_and_evaluate(zoo, tmp_path, mlflow_uri):
     from tasks import diffusion_dpo, dpo_vlm, evaluate_downstream
 
     make_root(tmp_path, zoo)
+    pass_gates(tmp_path)
     write_downstream_params(tmp_path, zoo)
     params = load_params(tmp_path / "params.yaml")
 

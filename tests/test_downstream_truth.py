@@ -19,6 +19,7 @@ from cyclepref.downstream.evaluators import GroundTruth, ModelEvaluator, ground_
 from cyclepref.world.parse import as_parsed, f1, parse_caption, parse_image
 from cyclepref.world.scene import COLOURS, SHAPES, WorldObject, caption, render
 from fixtures.downstream import WORLD, make_world_root, write_downstream_params, write_world_inputs
+from fixtures.pipeline_tables import pass_gates
 
 def _obj(k: int) -> WorldObject:
     return WorldObject(("top left", "top right", "bottom left", "bottom right")[k % 4], SHAPES[k % 3],
@@ -217,6 +218,7 @@ def test_best_of_n_stage_under_ground_truth(zoo, tmp_path, mlflow_uri):
     cfg = sections(zoo)["best_of_n"] | {"verifiers": ["reward", "random"], "evaluator": "ground_truth",
                                         "truth": WORLD, "second_evaluator": "reward", "bootstrap_samples": 500}
     write_downstream_params(tmp_path, zoo, best_of_n=cfg)
+    pass_gates(tmp_path)
     stage.main("best_of_n", task.run)
 
     report = json.loads((tmp_path / "reports/downstream/best_of_n.json").read_text())

@@ -241,8 +241,8 @@ def test_stages_gate_build_pairs_gate_export(tmp_path, mlflow_uri, world, capsys
     from tasks import export_dataset as export_stage
     from tasks import gate
 
-    write_tables(tmp_path, {k: world[k] for k in ("inputs", "i2t_candidates", "t2i_candidates", "i2t_scores",
-                                                   "t2i_scores")})
+    write_tables(tmp_path, {k: world[k] for k in ("inputs", "quarantine", "i2t_candidates", "t2i_candidates",
+                                                   "i2t_scores", "t2i_scores")})
     write_params(tmp_path, build_pairs=BuildPairs().model_dump(mode="json"), gates=Gates().model_dump(mode="json"),
                  export_dataset=ExportDataset(name="fixture", rows_per_shard=4).model_dump(mode="json"))
     with pytest.raises(SystemExit, match="dvc repro gate@i2t_scores"):
@@ -256,6 +256,10 @@ def test_stages_gate_build_pairs_gate_export(tmp_path, mlflow_uri, world, capsys
     assert metrics["pairs"] == pairs.num_rows and set(metrics["tasks"]) == {"i2t", "t2i"}
     assert metrics["tasks"]["t2i"]["models"]["gen-a"]["wins"] + metrics["tasks"]["t2i"]["models"]["gen-b"]["wins"] \
         == metrics["tasks"]["t2i"]["pairs"]
+    with pytest.raises(SystemExit, match="gate@inputs"):
+        export_stage.main()
+    for name in ("inputs", "t2i_candidates"):
+        gate.main([name])
     with pytest.raises(SystemExit, match="gate@pairs"):
         export_stage.main()
     gate.main(["pairs"])

@@ -59,7 +59,8 @@ def test_a_stage_republishing_from_its_work_store_checks_the_contract(tmp_path):
     metric = TextMetricSpec(path="no-such-model")
     metric_hash = cycle.key_of("metric", metric.kind, ctx.fingerprint(metric.path, None))
     recs = world["t2i_reconstructions"].to_pylist()
-    keys = [cycle.key_of(r["candidate_id"], r["text"], metric_hash) for r in recs]
+    prompts = {r["input_id"]: r["prompt"] for r in world["inputs"].to_pylist()}
+    keys = [cycle.key_of(r["candidate_id"], r["text"], prompts.get(r["input_id"], ""), metric_hash) for r in recs]
     scores = [0.5] * len(keys)
     scores[3] = float("nan")
     ctx.work("score_t2i", cycle.SCORE_ROWS).add(pa.table({"key": keys, "score": scores}, schema=cycle.SCORE_ROWS))

@@ -26,7 +26,7 @@ from cyclepref import stage
 from cyclepref.cli import app
 from cyclepref.reward import REPORTS, model_dir
 from cyclepref.reward.model import RewardModel
-from cyclepref.reward.pyfunc import log_reward_model
+from cyclepref.reward.pyfunc import MAX_IMAGE_PIXELS, MAX_TEXT_CHARS, log_reward_model
 from cyclepref.reward.synthetic import colour_pairs
 from cyclepref.store import table_digest
 
@@ -57,7 +57,7 @@ def write_benchmark(root) -> str:
 def test_stages_train_evaluate_log_and_score_from_the_registry(zoo, mlflow_uri, tmp_path):
     root = tmp_path
     write_reward_tables(root)
-    (root / "reports" / "dq").mkdir(parents=True)
+    (root / "reports" / "dq").mkdir(parents=True, exist_ok=True)
     (root / "reports" / "dq" / "pairs.json").write_text(json.dumps({"success": False, "gate": "pairs",
                                                                      "table": "pairs", "rows": 0, "checks": {}}))
     bench = write_benchmark(root)
@@ -197,10 +197,43 @@ def test_logged_pyfunc_serves_scores_over_http(zoo, mlflow_uri, tmp_path):
         assert scores == pytest.approx(model.score(images, texts).tolist(), abs=1e-5)
         bad = httpx.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["text"], "data": [["x"]]}})
         assert bad.status_code >= 400
+        assert_refusals_keep_the_server_up(url, body, proc)
     finally:
         stop(proc)
         log.close()
     assert torch.isfinite(torch.tensor(scores)).all()
+
+
+def assert_refusals_keep_the_server_up(url: str, good: dict, proc: subprocess.Popen) -> None:
+    """Each kind of request the served model cannot score gets HTTP 400 and one short line naming the limit, never
+    the input; the server answers a good request afterwards."""
+    from fixtures.bad_inputs import decompression_bomb
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    def encoded(img: Image.Image, fmt: str) -> str:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        return b64(buf.getvalue())
+
+    secret = "a caption that must not come back"
+    pixels, chars = f"limit is {MAX_IMAGE_PIXELS} pixels", f"limit is {MAX_TEXT_CHARS} characters"
+    cases = [
+        (["image", "text"], [b64(decompression_bomb(15000)), "a"], pixels),
+        (["image", "text"], [encoded(Image.new("1", (4097, 4097)), "PNG"), "a"], pixels),
+        (["image", "text"], [encoded(Image.new("RGB", (8, 8)), "TIFF"), "a"], "PNG, JPEG"),
+        (["image", "text"], [png_b64((1, 2, 3)), "word " * 2_000_000], chars),
+        (["picture", "caption"], [png_b64((1, 2, 3)), secret], "needs columns image and text"),
+    ]
+    for columns, row, limit in cases:
+        response = httpx.post(f"{url}/invocations", json={"dataframe_split": {"columns": columns, "data": [row]}},
+                              timeout=120)
+        message = response.json()["message"]
+        assert response.status_code == 400 and limit in message, response.text[:500]
+        assert "\n" not in message and len(response.text) < 500 and secret not in response.text
+    assert httpx.post(f"{url}/invocations", json=good, timeout=60).status_code == 200
+    assert proc.poll() is None
 
 
 def without_key_biases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -224,7 +257,7 @@ def all_runs(client) -> list:
 def train_project(root: Path, zoo: Path, batch_size: int) -> None:
     """Reward tables that passed gate@pairs and a combo train_reward section (12 train pairs: 3 steps of 4)."""
     write_reward_tables(root)
-    (root / "reports" / "dq").mkdir(parents=True)
+    (root / "reports" / "dq").mkdir(parents=True, exist_ok=True)
     digest = table_digest(root / "data/pairs/pairs.parquet")
     (root / "reports" / "dq" / "pairs.json").write_text(json.dumps({"success": True, "digest": digest}))
     write_params(root, train_reward={

@@ -88,7 +88,6 @@ def test_the_stage_receives_the_overridden_batch_size(monkeypatch, tmp_path):
     from cyclepref.config import load_params
 
     seen = {}
-    monkeypatch.setattr(stage_module, "require_gates", lambda *a, **k: None)
     monkeypatch.setattr(stage_module.cycle, "score_i2t", lambda ctx, metric, bs: seen.setdefault("bs", bs) and {})
     monkeypatch.setattr(stage_module.tracking, "log_examples", lambda *a, **k: None)
     monkeypatch.setattr(stage_module.cycle, "examples", lambda *a, **k: [])

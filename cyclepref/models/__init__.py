@@ -17,6 +17,11 @@ def locate(path: str) -> str:
         if not p.is_dir():
             raise ModelLoadError(f"{path}: expected a model directory, found a file")
         return str(p)
+    if p.parent.is_dir() and path.count("/") == 1:
+        raise ModelLoadError(
+            f"{path}: no such local model directory (read as a local path: its folder {p.parent} exists); "
+            "build the offline zoo with `dvc repro bootstrap_models` or fix the path in params"
+        )
     if path.startswith((".", "/")) or path.count("/") != 1:
         raise ModelLoadError(
             f"{path}: no such local model directory, and it is not a hub id (org/name); "

@@ -3,9 +3,13 @@ output column score (double, higher = better aligned).
 
 Over HTTP (`mlflow models serve`) binary columns are sent base64-encoded, e.g.
   {"dataframe_split": {"columns": ["image", "text"], "data": [["<base64 PNG>", "a red square"]]}}
-Rows with identical image bytes are decoded once and their image is encoded once per batch. A bad row (an image
-that is not a readable PNG / JPEG, a null or empty text) fails the request with HTTP 400 and one line naming the
-row and the cause, without a stack trace. The model directory
+Rows with identical image bytes are decoded once and their image is encoded once per batch.
+LIMITS (also in the model signature, as params with these defaults; a request may lower them, never raise them):
+images are PNG or JPEG of at most MAX_IMAGE_PIXELS pixels (checked from the header, before anything is decoded),
+texts at most MAX_TEXT_CHARS characters. A bad row (another format, too many pixels, a decompression bomb, an image
+that cannot be decoded, a null, empty or too long text) or a frame without the columns image and text fails the
+request with HTTP 400 and one line naming the row, the cause and the limit, without a stack trace and without echoing
+the input; the server stays up. The model directory
 travels as the artifact `reward_model`; the cyclepref package travels as code, so loading needs only the pinned
 requirements. The model is logged from code (cyclepref/reward/pyfunc_entry.py), so loading it unpickles nothing, and
 `load_reward_model` reads only the MLmodel file of a model that is not one of these before refusing it.
@@ -14,7 +18,9 @@ requirements. The model is logged from code (cyclepref/reward/pyfunc_entry.py), 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -48,14 +54,38 @@ def pinned_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name).split('+', 1)[0]}" for name in REQUIREMENTS]
 
 
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_TEXT_CHARS = 2000
+IMAGE_FORMATS = ("PNG", "JPEG")
+LIMITS = {"max_image_pixels": MAX_IMAGE_PIXELS, "max_text_chars": MAX_TEXT_CHARS}
+
+
 def signature():
+    """Columns image (binary) and text (string), both optional in the schema so that a frame without one reaches
+    `predict`, which refuses it in one line (MLflow's own schema error repeats the whole input); the limits as params
+    with their defaults, and the accepted formats."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "text")]),
+        inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "text", required=False)]),
         outputs=Schema([ColSpec("double", "score")]),
+        params=ParamSchema([ParamSpec(k, "long", v) for k, v in LIMITS.items()]
+                           + [ParamSpec("image_formats", "string", ",".join(IMAGE_FORMATS))]),
     )
+
+
+def limits(params: dict | None) -> dict[str, int]:
+    """The limits of one request: LIMITS, or lower values its params ask for."""
+    out = dict(LIMITS)
+    for key, cap in LIMITS.items():
+        value = (params or {}).get(key)
+        if value is not None:
+            try:
+                out[key] = min(int(value), cap)
+            except (TypeError, ValueError):
+                raise InvalidInput(f"param {key} must be an integer (at most {cap})") from None
+    return out
 
 
 class InvalidInput(MlflowException):
@@ -74,30 +104,46 @@ class InvalidInput(MlflowException):
         self.__dict__.setdefault("_message", value)
 
 
-def row_text(row: int, value: object) -> str:
+def row_text(row: int, value: object, max_chars: int = MAX_TEXT_CHARS) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise InvalidInput(f"row {row}: text is null; every row needs a non-empty text")
     if not isinstance(value, str) or not value.strip():
         raise InvalidInput(f"row {row}: text is {'empty' if isinstance(value, str) else type(value).__name__}; "
                            "every row needs a non-empty text")
+    if len(value) > max_chars:
+        raise InvalidInput(f"row {row}: text has {len(value)} characters; the limit is {max_chars} characters")
     return value
 
 
-def row_image(row: int, value: object):
-    """The RGB image of a row's encoded bytes (never a path: a server reads no files named by its clients)."""
-    from PIL import UnidentifiedImageError
-
-    from cyclepref.reward.data import decode
+def row_image(row: int, value: object, max_pixels: int = MAX_IMAGE_PIXELS):
+    """The RGB image of a row's encoded bytes (never a path: a server reads no files named by its clients), once its
+    header says PNG or JPEG of at most `max_pixels` pixels."""
+    from PIL import Image, UnidentifiedImageError
 
     if not isinstance(value, bytes | bytearray) or not value:
         got = "nothing" if value is None or value == b"" else type(value).__name__
         raise InvalidInput(f"row {row}: image must be the bytes of a PNG or JPEG file (base64 over HTTP), got {got}")
+    too_many = f"row {row}: image has more than {max_pixels} pixels; the limit is {max_pixels} pixels"
     try:
-        return decode(bytes(value))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(value), formats=IMAGE_FORMATS) as im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise InvalidInput(f"row {row}: image is {width}x{height} = {width * height} pixels; the limit "
+                                       f"is {max_pixels} pixels")
+                im.load()
+                return im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidInput(too_many) from None
     except UnidentifiedImageError:
-        raise InvalidInput(f"row {row}: image is not a PNG or JPEG file ({len(value)} bytes)") from None
-    except (OSError, ValueError) as err:
-        raise InvalidInput(f"row {row}: image cannot be decoded ({err})") from None
+        raise InvalidInput(f"row {row}: image is not a PNG or JPEG file ({len(value)} bytes); the formats accepted "
+                           f"are {', '.join(IMAGE_FORMATS)}") from None
+    except InvalidInput:
+        raise
+    except Exception as err:
+        raise InvalidInput(f"row {row}: image cannot be decoded ({type(err).__name__}: "
+                           f"{' '.join(str(err).split())[:200]})") from None
 
 
 class RewardPyfunc(mlflow.pyfunc.PythonModel):
@@ -113,16 +159,21 @@ class RewardPyfunc(mlflow.pyfunc.PythonModel):
         self.model = runtime.place(model, "blip_itm", keep_float=("head",)).eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame):
+            raise InvalidInput(f"reward model input must be a table with columns image and text, got "
+                               f"{type(model_input).__name__}")
         missing = [c for c in ("image", "text") if c not in model_input.columns]
         if missing:
-            raise InvalidInput(f"reward model input needs columns image and text; missing {missing}")
-        texts = [row_text(i, t) for i, t in enumerate(model_input["text"])]
+            raise InvalidInput(f"reward model input needs columns image and text; missing {missing} "
+                               f"({len(model_input.columns)} column(s) given)")
+        limit = limits(params)
+        texts = [row_text(i, t, limit["max_text_chars"]) for i, t in enumerate(model_input["text"])]
         cache: dict[str, object] = {}
         images = []
         for i, raw in enumerate(model_input["image"]):
             key = hashlib.sha256(raw).hexdigest() if isinstance(raw, bytes | bytearray) else None
             if key not in cache:
-                cache[key] = row_image(i, raw)
+                cache[key] = row_image(i, raw, limit["max_image_pixels"])
             images.append(cache[key])
         scores = self.model.score(images, texts, batch_size=self.batch_size)
         return pd.DataFrame({"score": scores.double().numpy()})
