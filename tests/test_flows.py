@@ -165,7 +165,9 @@ def test_retrain_flow_ingests_registers_and_records_the_decision(prefect_api, ml
 
     first = retrain(root=str(project), trigger="test", stage_retries=0)
     assert first.ingested == {"images": 0, "texts": 1, "quarantined": 0}
-    assert (project / "data/inputs/texts.jsonl").read_text() == '{"prompt": "a red cube"}\n'
+    [batch] = [p for p in (project / "data/pool").iterdir() if p.is_dir()]
+    assert (batch / "texts.jsonl").read_text() == '{"prompt": "a red cube"}\n'
+    assert (project / "data/pool" / f"{batch.name}.dvc").exists()
     assert (first.challenger_version, first.champion_version, first.decision.promote) == ("1", None, False)
     assert "benchmark missing" in first.decision.reason
     version = client.get_model_version("cyclereward", "1")
@@ -250,22 +252,18 @@ def test_only_transient_errors_are_retried():
 
 
 def test_ingest_moves_new_inputs_once(tmp_path):
-    watch, inputs = tmp_path / "watch", tmp_path / "inputs"
+    watch, pool = tmp_path / "watch", tmp_path / "data" / "pool"
     (watch / "batch").mkdir(parents=True)
-    inputs.mkdir()
-    (inputs / "texts.jsonl").write_text('{"file": "images/old.jpg", "prompt": "old"}\n')
     (watch / "batch" / "new.png").write_bytes(b"png")
     (watch / "texts.jsonl").write_text('{"file": "batch/new.png", "prompt": "new"}\n{"prompt": "text only"}\n')
 
-    assert ingest_inputs(watch, inputs, "texts.jsonl") == {"images": 1, "texts": 2, "quarantined": 0}
-    rows = [json.loads(line) for line in (inputs / "texts.jsonl").read_text().splitlines()]
-    assert rows[0]["file"] == "images/old.jpg" and rows[2] == {"prompt": "text only"}
-    assert (inputs / rows[1]["file"]).read_bytes() == b"png" and rows[1]["file"].startswith("incoming/")
+    assert ingest_inputs(watch, pool) == {"images": 1, "texts": 2, "quarantined": 0}
+    [batch] = [p for p in pool.iterdir() if p.is_dir()]
+    rows = [json.loads(line) for line in (batch / "texts.jsonl").read_text().splitlines()]
+    assert rows == [{"file": "batch/new.png", "prompt": "new"}, {"prompt": "text only"}]
+    assert (batch / rows[0]["file"]).read_bytes() == b"png"
     assert not (watch / "texts.jsonl").exists() and list((watch / ".ingested").rglob("new.png"))
-    assert ingest_inputs(watch, inputs, "texts.jsonl") == {"images": 0, "texts": 0, "quarantined": 0}
-    (watch / "texts.jsonl").write_text('{"prompt": "x"}\n')
-    with pytest.raises(ValueError, match="jsonl"):
-        ingest_inputs(watch, inputs, None)
+    assert ingest_inputs(watch, pool) == {"images": 0, "texts": 0, "quarantined": 0}
 
 
 def test_deployment_is_cron_scheduled_with_concurrency_one(monkeypatch, tmp_path):
