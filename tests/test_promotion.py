@@ -397,3 +397,60 @@ def test_promotion_on_the_committed_sandbox_benchmark(registry):
     better = _promote(registry, registry.trained(oracle), cfg)
     assert better.decision.promote and registry.aliases()[CHAMPION] == "3"
     assert better.decision.comparison.low > 0
+
+
+# ---------------------------------------------------------------- people move aliases; decisions are kept
+
+
+def test_a_rollback_made_as_the_ui_makes_it_is_what_the_next_round_compares_against(registry):
+    cfg = _cfg(registry.root)
+    _promote(registry, registry.trained(_outcomes(120)), cfg)
+    _promote(registry, registry.trained(_outcomes(180)), cfg)
+    assert registry.aliases()[CHAMPION] == "2"
+    registry.client.set_registered_model_alias(NAME, CHAMPION, "1")
+    registry.evaluated.clear()
+    out = _promote(registry, registry.trained(_outcomes(150)), cfg)
+    assert out.champion_version == "1" and registry.evaluated == ["3", "1"]
+    assert out.decision.promote and out.champion_accuracy == pytest.approx(0.6)
+    assert registry.aliases() == {CHAMPION: "3", CHALLENGER: "3", PREVIOUS: "1"}
+
+
+def test_a_manual_promotion_is_obeyed_and_a_worse_challenger_never_replaces_it(registry):
+    cfg = _cfg(registry.root)
+    _promote(registry, registry.trained(_outcomes(120)), cfg)
+    _promote(registry, registry.trained(_outcomes(110)), cfg)
+    registry.client.set_registered_model_alias(NAME, CHAMPION, "2")
+    out = _promote(registry, registry.trained(_outcomes(100)), cfg)
+    assert out.champion_version == "2" and not out.decision.promote
+    assert registry.aliases()[CHAMPION] == "2"
+
+
+def test_an_alias_moved_while_the_round_runs_is_left_where_the_person_put_it(registry):
+    cfg = _cfg(registry.root)
+    _promote(registry, registry.trained(_outcomes(120)), cfg)
+    result = registry.trained(_outcomes(190))
+    registry.client.set_registered_model_alias(NAME, CHAMPION, "1")
+    out = _promote(registry, result, cfg, champion=None)
+    assert not out.decision.promote and "was moved to 1 during the round" in out.decision.reason
+    assert registry.aliases() == {CHAMPION: "1", CHALLENGER: "2"}
+
+
+def test_decisions_are_append_only_across_rounds(registry):
+    cfg = _cfg(registry.root)
+    _promote(registry, registry.trained(_outcomes(120)), cfg)
+    second = registry.trained(_outcomes(180))
+    promoted = _promote(registry, second, cfg, extra_tags={"cyclepref.data.pool_md5": "aaa.dir"})
+    again = _promote(registry, registry.rerun(second.outcomes[0].producer_run_id), cfg,
+                     extra_tags={"cyclepref.data.pool_md5": "bbb.dir"})
+    assert not again.decision.promote and again.challenger_version == "2"
+    tags = registry.client.get_model_version(NAME, "2").tags
+    assert tags["cyclepref.decision"] == "promoted" and float(tags["cyclepref.gain"]) == pytest.approx(0.3)
+    assert tags["cyclepref.data.pool_md5"] == "aaa.dir" and tags["cyclepref.benchmark_pairs"] == "200"
+    rounds = {k.removeprefix("cyclepref.round."): json.loads(v) for k, v in tags.items()
+              if k.startswith("cyclepref.round.")}
+    assert set(rounds) == {promoted.pipeline_run_id, again.pipeline_run_id}
+    assert rounds[promoted.pipeline_run_id]["decision"] == "promoted"
+    assert rounds[again.pipeline_run_id]["decision"] == "kept"
+    assert rounds[again.pipeline_run_id]["data.pool_md5"] == "bbb.dir"
+    first_run = registry.client.get_run(promoted.pipeline_run_id).data.tags
+    assert first_run["retrain.decision"] == "promoted" and first_run["retrain.data.pool_md5"] == "aaa.dir"
