@@ -7,6 +7,7 @@
   the dvc.lock digest and the git commit; recorded on the round's MLflow runs and model versions.
 - `round_lock`: at most one retraining round per repository (an exclusive flock on .dvc/tmp/cyclepref-round.lock,
   released by the kernel when the process dies, SIGKILL included).
+- `stop_on_signals`: SIGTERM / SIGINT end the round's stage processes (each in its own session) within seconds.
 """
 
 from __future__ import annotations

@@ -1,21 +1,28 @@
-"""The retraining flow: ingest new inputs -> pipeline -> register -> compare challenger and champion -> promote.
+"""The retraining flow, one round: champion -> ingest -> pipeline -> register -> compare -> promote -> record.
 
-1. Optionally move new raw inputs from params `retrain.watch_dir` into `prepare_inputs.path` (a folder source),
-   atomically, quarantining what may not be read (cyclepref.ingest).
+0. Take the repository's round lock (flows.pool: a second trigger while a round runs fails at once) and read alias
+   `champion`: what the round compares against, whatever a person set in the UI.
+1. Optionally move new raw inputs from params `retrain.watch_dir` into a new batch of the pool
+   (`prepare_inputs.pool`, a folder no stage writes) as one journaled transaction (cyclepref.ingest), and `dvc add`
+   the batch (flows.pool), so no checkout deletes it; prepare_inputs reads every batch beside its `path`.
 2. Run the pipeline flow (DVC reruns what the new inputs or changed params invalidate).
 3. Register the reward model that train_reward logged for `retrain.variant` (a new version, or the existing version
    when DVC skipped training), tagged with its lineage (DVC stage hash, git commit, data digest) and linked to the
    DPO adapters' logged models, and what the stages in `retrain.adapters` produced. `cyclepref register` (after
-   `make run`) does this step alone, for the outputs dvc.lock records (`register_current`).
-4. Score the challenger and the current `champion` with their MLflow pyfuncs on the frozen benchmark
-   (`retrain.benchmark`), pair by pair. `decide` runs a paired test on those same pairs: it promotes only when the
-   lower bound of the paired-bootstrap interval (level `retrain.confidence`, `retrain.bootstrap_samples` resamples of
-   the pairs) of the challenger's accuracy gain over the champion is above 0 and the mean gain is more than
-   `retrain.margin`, so a win inside the noise keeps the champion. Without a champion the challenger is promoted.
+   `make run`) does this step and the decision (steps 4-5) for the outputs dvc.lock records (`register_and_decide`).
+4. Score the challenger and the champion with their MLflow pyfuncs on the frozen benchmark (`retrain.benchmark`),
+   pair by pair. `decide` runs a paired test on those same pairs: it promotes only when the lower bound of the
+   paired-bootstrap interval (level `retrain.confidence`, `retrain.bootstrap_samples` resamples of the pairs) of the
+   challenger's accuracy gain over the champion is above 0 and the mean gain is more than `retrain.margin`, so a win
+   inside the noise keeps the champion. Without a champion the challenger must clear the floor: the same interval
+   above 0 against random (0.5 a pair) and against the reward backbone's zero-shot outcomes (`zero_shot_floor`).
 5. Only then move aliases: `challenger` -> the new version; on promotion `previous-champion` -> the old champion
-   (for rollback) and `champion` -> the new version. The decision (accuracies, gain, its interval, number of pairs)
-   is recorded as model version tags, parent run tags and a markdown artifact. Any failure before step 5 (a failed
-   gate, a stage error) leaves aliases untouched.
+   (for rollback) and `champion` -> the new version, unless a person moved `champion` during the round. Any failure
+   before step 5 (a failed gate, a stage error, a kill) leaves aliases untouched.
+6. Record, append-only: the decision and the round's data version (pool md5 in dvc.lock, dvc.lock digest, git
+   commit) as parent-run tags, a per-round version tag `cyclepref.round.<run id>` (the version's unsuffixed
+   decision tags keep the first decision about it), a markdown artifact and a row of reports/retrain_rounds.{json,md}
+   with the round's time.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,7 +297,7 @@ def register_and_decide(client, root: Path, cfg, evaluate=None, floor=None) -> t
     round `register-<time>`."""
     reg = register_current(client, root, cfg)
     champion = alias_version(client, cfg.registered_model, CHAMPION)
-    round_id = "register-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    round_id = f"register-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     out = challenge(client, cfg, root, reg.version, champion, round_id, evaluate or benchmark_outcomes,
                     floor or zero_shot_floor)
     record_decision(client, out, None, {})

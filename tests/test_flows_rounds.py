@@ -183,3 +183,38 @@ def test_a_signal_ends_the_stage_processes_and_releases_the_dvc_lock_in_seconds(
     free = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True,
                           timeout=30)
     assert free.returncode == 0, free.stderr
+
+
+def test_make_runs_registration_takes_the_champion_decision(mlflow_uri, tmp_path, monkeypatch):
+    """`cyclepref register` after `make run`: with no champion, the version becomes `champion` when it clears the
+    floor, so models:/cyclereward@champion resolves; a rerun is recorded as its own round and moves nothing."""
+    import numpy as np
+    from flow_projects import command_project
+    from test_repro import FILES, STAGES
+
+    from cyclepref.config import Retrain
+    from flows.repro import repro
+    from flows.retrain import register_and_decide
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    project = command_project(tmp_path / "made", STAGES, FILES)
+    monkeypatch.chdir(project)
+    (project / "bench.jsonl").write_text("".join(
+        json.dumps({"id": f"p{i}", "task": "t2i", "prompt": "a red square", "chosen": "a.png", "rejected": "b.png"})
+        + "\n" for i in range(100)))
+    assert repro(project, echo=lambda line: None).returncode == 0
+    client = lineage.client(project)
+    cfg = Retrain(registered_model="cyclereward", benchmark="bench.jsonl")
+    scored = {"model": np.r_[np.ones(80), np.zeros(20)], "floor": np.r_[np.ones(55), np.zeros(45)]}
+    evaluate = lambda uri, bench, tasks, batch: scored["model"]  # noqa: E731
+    floor = lambda root, bench, tasks, batch: {"backbone zero-shot": scored["floor"]}  # noqa: E731
+
+    reg, out = register_and_decide(client, project, cfg, evaluate, floor)
+    assert reg.version == "1" and out.decision.promote and "clears the floor" in out.decision.reason
+    assert str(client.get_model_version_by_alias("cyclereward", "champion").version) == "1"
+    again_reg, again = register_and_decide(client, project, cfg, evaluate, floor)
+    assert again_reg.version == "1" and not again.decision.promote and "already the champion" in again.decision.reason
+    tags = client.get_model_version("cyclereward", "1").tags
+    assert tags["cyclepref.decision"] == "promoted"
+    rounds = [json.loads(v)["decision"] for k, v in tags.items() if k.startswith("cyclepref.round.register-")]
+    assert sorted(rounds) == ["kept", "promoted"]
