@@ -55,12 +55,13 @@ def _checked(path: Path, dvc_file: Path):
     """The params of `path`, valid against the schema and holding every section dvc_file's stages read; else exit 2
     with every bad key or missing section and why."""
     from cyclepref.config import ParamsError, load_params
-    from cyclepref.profiles import require_pinned, require_pinned_datasets, require_sections
+    from cyclepref.profiles import require_ingest_home, require_pinned, require_pinned_datasets, require_sections
 
     try:
         params = load_params(path)
         if dvc_file.exists():
             require_sections(params, dvc_file, str(path))
+            require_ingest_home(params, dvc_file, str(path))
         require_pinned(params, str(path), Path.cwd())
         require_pinned_datasets(params, str(path))
     except ParamsError as err:
@@ -281,13 +282,14 @@ def repro_cmd(
 @app.command("register")
 def register_cmd(root: Path = ROOT_OPTION) -> None:
     """Register the reward model of the current DVC outputs (one version per output, tagged with the DVC stage hash,
-    git commit and data digest) and link the DPO adapters to it. No alias moves: see `cyclepref retrain`."""
+    git commit and data digest), link the DPO adapters to it, and take the champion decision of a retraining round:
+    with no champion yet it becomes `champion` only when it clears the floor on the frozen benchmark."""
     root = _project(root)
     from contextlib import chdir
 
     from cyclepref.config import ParamsError, load_params, require
     from flows import lineage
-    from flows.retrain import register_current
+    from flows.retrain import register_and_decide
 
     try:
         cfg = require(load_params(root / "params.yaml").retrain, "retrain")
@@ -297,7 +299,7 @@ def register_cmd(root: Path = ROOT_OPTION) -> None:
     with chdir(root):
         client = lineage.client(root)
         try:
-            reg = register_current(client, root, cfg)
+            reg, decided = register_and_decide(client, root, cfg)
         except LookupError as err:
             typer.echo(f"nothing registered: {err}", err=True)
             return
@@ -305,6 +307,8 @@ def register_cmd(root: Path = ROOT_OPTION) -> None:
     state = "registered" if reg.created else "already registered"
     linked = ", ".join(f"{s} {m}" for s, m in reg.adapters.items()) or "none"
     typer.echo(f"{reg.name} version {reg.version} {state} (train run {reg.train_run_id}; adapters: {linked})")
+    verdict = "champion" if decided.decision.promote else "not promoted"
+    typer.echo(f"{verdict}: {decided.decision.reason}")
 
 
 @app.command("import-checkpoint")
@@ -374,6 +378,33 @@ def retrain_cmd(
         raise _flow_failed(err) from None
     verdict = "promoted" if out.decision.promote else "kept champion"
     typer.echo(f"{out.registered_model} v{out.challenger_version}: {verdict} ({out.decision.reason})")
+    typer.echo(f"ingested {out.ingested or 'nothing'}; round time {out.seconds:.1f} s (reports/retrain_rounds.md)")
+
+
+@app.command("arrivals")
+def arrivals_cmd(
+    n: int = typer.Argument(..., min=1, help="How many new world scenes to render."),
+    seed: int | None = typer.Option(None, "--seed", help="Stream seed (default: the next unused one, from 1000)."),
+    root: Path = ROOT_OPTION,
+) -> None:
+    """Simulate arriving inputs in the sandbox: render N new world scenes (the pipeline part of the world, none of
+    make_world's, the benchmark's or the training scenes) into retrain.watch_dir, for the next `cyclepref retrain`."""
+    root = _project(root)
+    from cyclepref.config import ParamsError, load_params, require
+    from cyclepref.world.arrivals import render_arrivals
+
+    try:
+        params = load_params(root / "params.yaml")
+        cfg = require(params.retrain, "retrain")
+        world = require(params.world, "world")
+    except ParamsError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    if not cfg.watch_dir:
+        typer.echo("retrain.watch_dir is not set: nowhere to put arrivals", err=True)
+        raise typer.Exit(2)
+    out = render_arrivals(root / cfg.watch_dir, n, world.inputs.n, world.inputs.seed, seed)
+    typer.echo(f"{out['scenes']} new scenes (seed {out['seed']}) in {cfg.watch_dir}/{out['folder']}")
 
 
 @app.command("serve-schedule")

@@ -133,6 +133,12 @@ class PrepareInputs(Section):
 
     source: Literal["folder", "dci", "hf_datasets"] = Field(description="Input layout, see cyclepref.inputs.")
     path: str = Field(description="Folder / DCI root / saved datasets directory.")
+    pool: str = Field(
+        "data/pool",
+        min_length=1,
+        description="The pool of inputs that arrived later (the retraining flow's ingest, DVC-tracked batches): every "
+        "batch folder in it is read beside `path`, whatever the source. No stage writes it.",
+    )
     texts_file: str | None = Field(
         None, description="folder source: jsonl ({file, prompt, caption} per line) or txt, relative to `path`."
     )

@@ -404,12 +404,35 @@ def _hf_image(root: Path, value: object) -> object:
 
 
 def iter_source(cfg: PrepareInputs, root: Path = Path(".")) -> Iterator[RawItem]:
+    """The items of the configured source, then those of every batch in the pool."""
     path = root / cfg.path
     if cfg.source == "folder":
-        return iter_folder(path, cfg.texts_file)
-    if cfg.source == "dci":
-        return iter_dci(path, cfg.dci_text, cfg.split)
-    return iter_hf_datasets(path, cfg.hf_image_column, cfg.hf_text_column, cfg.hf_split)
+        items = iter_folder(path, cfg.texts_file)
+    elif cfg.source == "dci":
+        items = iter_dci(path, cfg.dci_text, cfg.split)
+    else:
+        items = iter_hf_datasets(path, cfg.hf_image_column, cfg.hf_text_column, cfg.hf_split)
+    yield from items
+    yield from iter_pool(root / cfg.pool)
+
+
+POOL_TEXTS = "texts.jsonl"
+
+
+def iter_pool(pool: Path) -> Iterator[RawItem]:
+    """Every batch folder of the pool (cyclepref.ingest writes them) as a folder source with texts.jsonl; sources
+    are named `<pool>/<batch>/<file>`. A missing pool holds nothing; a symlinked batch is quarantined, not read."""
+    if not pool.is_dir():
+        return
+    for batch in sorted(p for p in pool.iterdir() if not p.name.startswith(".") and p.is_dir()):
+        where = f"{display(pool.name)}/{display(batch.name)}"
+        if batch.is_symlink():
+            yield RawItem(where, None, problem="pool batch is a symbolic link (not read)")
+            continue
+        texts = POOL_TEXTS if (batch / POOL_TEXTS).exists() or (batch / POOL_TEXTS).is_symlink() else None
+        for item in iter_folder(batch, texts):
+            row = f"{where}/{item.row}" if item.row else None
+            yield replace(item, source=f"{where}/{item.source}", row=row)
 
 
 # ---------------------------------------------------------------- images

@@ -248,3 +248,55 @@ def missing_models(params: Params, root: Path, dvc_file: str | Path | None = Non
             found.append(f"{key}: local model path {path} not found (no such directory under {root}, and no stage "
                          f"writes it); fix the path or build the model first")
     return found
+
+
+def stage_outputs(dvc_file: str | Path, params: Params) -> dict[str, list[str]]:
+    """stage name -> the paths of its outs, metrics and plots in dvc.yaml, `${a.b}` filled in from `params`
+    (a foreach stage over a list once per item, `${item}` filled in)."""
+    data = yaml.safe_load(Path(dvc_file).read_text()) or {}
+    values = params.model_dump()
+
+    def fill(text: str, item: object) -> str:
+        def value(m: re.Match) -> str:
+            found: object = {"item": item, **values}
+            for part in m.group(1).split("."):
+                found = found.get(part) if isinstance(found, dict) else None
+            return str(found)
+
+        return re.sub(r"\$\{\s*([\w.\-]+)\s*\}", value, text)
+
+    out: dict[str, list[str]] = {}
+    for name, stage in (data.get("stages") or {}).items():
+        body, items = (stage.get("do") or {}, stage["foreach"]) if "foreach" in stage else (stage, [None])
+        for item in items if isinstance(items, list) else [None]:
+            label = name if item is None else f"{name}@{item}"
+            for key in ("outs", "metrics", "plots"):
+                for entry in body.get(key) or []:
+                    path = next(iter(entry)) if isinstance(entry, dict) else entry
+                    out.setdefault(label, []).append(fill(str(path), item).rstrip("/"))
+    return out
+
+
+def ingest_targets_in_outputs(params: Params, dvc_file: str | Path) -> list[str]:
+    """One line for each folder the retraining ingest writes (prepare_inputs.pool, retrain.watch_dir) that is, lies
+    inside or holds a stage's output: a `dvc checkout` or `dvc repro` of that stage would delete what was ingested."""
+    targets = {"prepare_inputs.pool": params.prepare_inputs.pool if params.prepare_inputs else None}
+    if params.retrain is not None and params.retrain.watch_dir:
+        targets["retrain.watch_dir"] = params.retrain.watch_dir
+    found = []
+    for key, target in targets.items():
+        if not target:
+            continue
+        norm = target.rstrip("/")
+        for stage, outs in stage_outputs(dvc_file, params).items():
+            for out in outs:
+                if norm == out or norm.startswith(out + "/") or out.startswith(norm + "/"):
+                    found.append(f"{key} = {target} overlaps {out}, an output of stage {stage}: a DVC checkout would "
+                                 "delete what is ingested there; use a folder no stage writes (e.g. data/pool)")
+    return found
+
+
+def require_ingest_home(params: Params, dvc_file: str | Path, source: str) -> None:
+    found = ingest_targets_in_outputs(params, dvc_file)
+    if found:
+        raise ParamsError(f"{source}: retraining target inside a stage output:\n" + "\n".join(f"  {f}" for f in found))

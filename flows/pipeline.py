@@ -245,6 +245,15 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             continue
 
 
+LIVE_STAGES: set[subprocess.Popen] = set()
+"""The stage processes (each its own session) this process is running: ended by kill_live_stages on a signal."""
+
+
+def kill_live_stages(grace_s: float = 3.0) -> None:
+    for proc in list(LIVE_STAGES):
+        _kill_group(proc, grace_s)
+
+
 def execute_stage(
     stage: str, root: Path, env: dict[str, str], timeout_s: float, echo: Callable[[str], None] = print
 ) -> tuple[str, float]:
@@ -278,12 +287,18 @@ def execute_stage(
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    LIVE_STAGES.add(proc)
     try:
         returncode = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         reader.join(timeout=5)
         raise StageTimeout(stage, f"exceeded {timeout_s:g} s and was killed", "\n".join(tail)) from None
+    except BaseException:
+        _kill_group(proc, 3.0)
+        raise
+    finally:
+        LIVE_STAGES.discard(proc)
     reader.join()
     if returncode != 0:
         raise classify(stage, returncode, "\n".join(tail), root)

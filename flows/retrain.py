@@ -1,26 +1,36 @@
-"""The retraining flow: ingest new inputs -> pipeline -> register -> compare challenger and champion -> promote.
+"""The retraining flow, one round: champion -> ingest -> pipeline -> register -> compare -> promote -> record.
 
-1. Optionally move new raw inputs from params `retrain.watch_dir` into `prepare_inputs.path` (a folder source),
-   atomically, quarantining what may not be read (cyclepref.ingest).
+0. Take the repository's round lock (flows.pool: a second trigger while a round runs fails at once) and read alias
+   `champion`: what the round compares against, whatever a person set in the UI.
+1. Optionally move new raw inputs from params `retrain.watch_dir` into a new batch of the pool
+   (`prepare_inputs.pool`, a folder no stage writes) as one journaled transaction (cyclepref.ingest), and `dvc add`
+   the batch (flows.pool), so no checkout deletes it; prepare_inputs reads every batch beside its `path`.
 2. Run the pipeline flow (DVC reruns what the new inputs or changed params invalidate).
 3. Register the reward model that train_reward logged for `retrain.variant` (a new version, or the existing version
    when DVC skipped training), tagged with its lineage (DVC stage hash, git commit, data digest) and linked to the
    DPO adapters' logged models, and what the stages in `retrain.adapters` produced. `cyclepref register` (after
-   `make run`) does this step alone, for the outputs dvc.lock records (`register_current`).
-4. Score the challenger and the current `champion` with their MLflow pyfuncs on the frozen benchmark
-   (`retrain.benchmark`), pair by pair. `decide` runs a paired test on those same pairs: it promotes only when the
-   lower bound of the paired-bootstrap interval (level `retrain.confidence`, `retrain.bootstrap_samples` resamples of
-   the pairs) of the challenger's accuracy gain over the champion is above 0 and the mean gain is more than
-   `retrain.margin`, so a win inside the noise keeps the champion. Without a champion the challenger is promoted.
+   `make run`) does this step and the decision (steps 4-5) for the outputs dvc.lock records (`register_and_decide`).
+4. Score the challenger and the champion with their MLflow pyfuncs on the frozen benchmark (`retrain.benchmark`),
+   pair by pair. `decide` runs a paired test on those same pairs: it promotes only when the lower bound of the
+   paired-bootstrap interval (level `retrain.confidence`, `retrain.bootstrap_samples` resamples of the pairs) of the
+   challenger's accuracy gain over the champion is above 0 and the mean gain is more than `retrain.margin`, so a win
+   inside the noise keeps the champion. Without a champion the challenger must clear the floor: the same interval
+   above 0 against random (0.5 a pair) and against the reward backbone's zero-shot outcomes (`zero_shot_floor`).
 5. Only then move aliases: `challenger` -> the new version; on promotion `previous-champion` -> the old champion
-   (for rollback) and `champion` -> the new version. The decision (accuracies, gain, its interval, number of pairs)
-   is recorded as model version tags, parent run tags and a markdown artifact. Any failure before step 5 (a failed
-   gate, a stage error) leaves aliases untouched.
+   (for rollback) and `champion` -> the new version, unless a person moved `champion` during the round. Any failure
+   before step 5 (a failed gate, a stage error, a kill) leaves aliases untouched.
+6. Record, append-only: the decision and the round's data version (pool md5 in dvc.lock, dvc.lock digest, git
+   commit) as parent-run tags, a per-round version tag `cyclepref.round.<run id>` (the version's unsuffixed
+   decision tags keep the first decision about it), a markdown artifact and a row of reports/retrain_rounds.{json,md}
+   with the round's time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +42,7 @@ from cyclepref.ingest import ingest_inputs
 from cyclepref.stats import mcnemar_p, paired_bootstrap
 from flows import lineage
 from flows.pipeline import PipelineResult, pipeline
+from flows.pool import data_version, refuse_stage_outputs, round_lock, stop_on_signals, track_batches
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 REWARD_STAGE = "train_reward"
@@ -90,6 +101,25 @@ def judge(c: Comparison, margin: float) -> Decision:
     return Decision(True, f"{c.describe()}: challenger beats champion, lower bound above 0, gain > margin {margin}", c)
 
 
+RANDOM = "random"
+
+
+def clears_floor(challenger: np.ndarray, floors: dict[str, np.ndarray], confidence: float, n_boot: int) -> Decision:
+    """A first champion must beat every floor (per-pair outcomes on the same pairs: random = 0.5 a pair, the reward
+    backbone's zero-shot outcomes) with the lower bound of its paired-bootstrap gain above 0."""
+    lines, worst = [], None
+    for name, base in floors.items():
+        c = compare(challenger, base, confidence, n_boot)
+        lines.append(f"vs {name}: {c.describe().replace('champion', name)}")
+        if worst is None or c.low < worst[1].low:
+            worst = (name, c)
+    name, c = worst
+    if c.low <= 0:
+        return Decision(False, f"no champion yet, and the challenger does not clear the floor ({'; '.join(lines)})", c)
+    return Decision(True, f"no champion yet: the challenger clears the floor and becomes champion ({'; '.join(lines)})",
+                    c)
+
+
 def decide(
     challenger: np.ndarray | None,
     champion: np.ndarray | None,
@@ -97,10 +127,13 @@ def decide(
     benchmark_present: bool,
     confidence: float = 0.95,
     n_boot: int = 10000,
+    floors: dict[str, np.ndarray] | None = None,
 ) -> Decision:
-    """Promote the challenger only when the benchmark exists and either there is no champion yet, or, on the same
-    pairs, the paired-bootstrap interval of its accuracy gain lies above 0 and the mean gain is more than `margin`.
-    Outcomes are per-pair arrays aligned by pair; gains within 1e-9 of 0 or of the margin count as ties."""
+    """Promote the challenger only when the benchmark exists and, on the same pairs, either (no champion yet) the
+    paired-bootstrap interval of its gain over every floor lies above 0 (random, 0.5 a pair, always; `floors` adds
+    others, e.g. the reward backbone zero-shot), or the interval of its accuracy gain over the champion lies above 0
+    and the mean gain is more than `margin`. Outcomes are per-pair arrays aligned by pair; gains within 1e-9 of 0 or
+    of the margin count as ties."""
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     if not benchmark_present:
@@ -108,8 +141,8 @@ def decide(
     if challenger is None:
         raise ValueError("the benchmark is present, so the challenger's per-pair outcomes are required")
     if champion is None:
-        accuracy, n = float(np.mean(challenger)), len(challenger)
-        return Decision(True, f"no champion yet: the challenger ({accuracy:.4f} on {n} pairs) becomes champion")
+        bases = {RANDOM: np.full(len(challenger), 0.5), **(floors or {})}
+        return clears_floor(np.asarray(challenger, dtype=np.float64), bases, confidence, n_boot)
     return judge(compare(challenger, champion, confidence, n_boot), margin)
 
 
@@ -127,6 +160,7 @@ class RetrainResult:
     benchmark_digest: str = "absent"
     ingested: dict[str, int] = field(default_factory=dict)
     adapters: dict[str, list[str]] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 # ---------------------------------------------------------------- registry
@@ -257,6 +291,19 @@ def register_current(client, root: Path, cfg) -> Registration:
     return Registration(cfg.registered_model, version, created, train_run, adapters)
 
 
+def register_and_decide(client, root: Path, cfg, evaluate=None, floor=None) -> tuple[Registration, RetrainResult]:
+    """`cyclepref register` (after `make run`): register the current reward model, then take the same champion
+    decision as a retraining round (the floor when there is no champion yet, else the paired test), recorded as a
+    round `register-<time>`."""
+    reg = register_current(client, root, cfg)
+    champion = alias_version(client, cfg.registered_model, CHAMPION)
+    round_id = f"register-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    out = challenge(client, cfg, root, reg.version, champion, round_id, evaluate or benchmark_outcomes,
+                    floor or zero_shot_floor)
+    record_decision(client, out, None, {})
+    return reg, out
+
+
 def alias_version(client, name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
@@ -266,13 +313,20 @@ def alias_version(client, name: str, alias: str) -> str | None:
         return None
 
 
-def apply_decision(client, name: str, challenger: str, champion: str | None, decision: Decision) -> None:
-    """Move the aliases; the only place where the retraining flow writes aliases."""
+def apply_decision(client, name: str, challenger: str, champion: str | None, decision: Decision) -> Decision:
+    """Move the aliases; the only place where the flows write aliases. `champion` is the version the round read at
+    its start: when a person moved the alias since, it is left where they put it and the decision says so."""
     client.set_registered_model_alias(name, CHALLENGER, challenger)
-    if decision.promote and challenger != champion:
-        if champion is not None:
-            client.set_registered_model_alias(name, PREVIOUS, champion)
-        client.set_registered_model_alias(name, CHAMPION, challenger)
+    if not decision.promote or challenger == champion:
+        return decision
+    now = alias_version(client, name, CHAMPION)
+    if now != champion:
+        return Decision(False, f"{decision.reason}; but alias {CHAMPION} was moved to {now} during the round (read "
+                               f"{champion} at its start): left as it was set", decision.comparison)
+    if champion is not None:
+        client.set_registered_model_alias(name, PREVIOUS, champion)
+    client.set_registered_model_alias(name, CHAMPION, challenger)
+    return decision
 
 
 # ---------------------------------------------------------------- evaluation
@@ -396,43 +450,101 @@ def decision_tags(r: RetrainResult) -> dict[str, str]:
     }
 
 
+def zero_shot_floor(root: Path, bench: Path, tasks: tuple[str, ...], batch_size: int) -> dict[str, np.ndarray]:
+    """The reward backbone's zero-shot per-pair outcomes on the benchmark: the model train_reward starts from (the
+    params' backbone with its seeded, untrained head), scored like a registered version."""
+    from cyclepref.config import load_params
+    from cyclepref.reward.benchmarks import load_benchmark
+    from cyclepref.reward.evaluate import RewardScorer, pairset_outcomes
+    from cyclepref.reward.model import RewardModel
+    from cyclepref.reward.train import regularisation
+
+    cfg = load_params(root / "params.yaml").train_reward
+    mc = cfg.model
+    model = RewardModel.from_backbone(
+        mc.path, revision=mc.revision, head_widths=mc.head_widths, fix_rate=mc.fix_rate, max_length=mc.max_length,
+        image_size=mc.image_size, regularisation=regularisation(mc), seed=cfg.seed,
+    ).eval()
+    scorer = RewardScorer("backbone", model)
+    parts = [pairset_outcomes(s, scorer, batch_size) for t, s in load_benchmark(bench).items() if t in tasks]
+    return {"backbone zero-shot": np.concatenate(parts)}
+
+
+UNREAD = "unread"
+
+
 def promote(
     client,
     result: PipelineResult,
     cfg,
     root: Path,
     evaluate=benchmark_outcomes,
+    floor=zero_shot_floor,
+    champion: str | None = UNREAD,
+    extra_tags: dict[str, str] | None = None,
 ) -> RetrainResult:
     """Register the pipeline's reward model, compare it with the champion and move the aliases (steps 3-5).
-    `evaluate(model_uri, benchmark, tasks, batch_size) -> per-pair outcomes` scores one registered version."""
+    `champion`: the version the round read from the alias at its start (read here when not given).
+    `evaluate(model_uri, benchmark, tasks, batch_size) -> per-pair outcomes` scores one registered version;
+    `floor(root, benchmark, tasks, batch_size) -> {name: per-pair outcomes}` the floors of a first champion."""
     name = cfg.registered_model
+    if champion == UNREAD:
+        champion = alias_version(client, name, CHAMPION)
     train_run = producer_run(result, REWARD_STAGE)
     model = reward_model(client, train_run, cfg.variant)
     tags = {"cyclepref.pipeline_run_id": result.parent_run_id,
             **reward_tags(client, train_run, model, cfg.variant, result.outcome(REWARD_STAGE).lock_hash)}
     challenger = str(register(client, name, model, tags).version)
     link_adapters(client, root, name, challenger)
-    champion = alias_version(client, name, CHAMPION)
+    out = challenge(client, cfg, root, challenger, champion, result.parent_run_id, evaluate, floor)
+    record_decision(client, out, result.parent_run_id, extra_tags or {})
+    return out
+
+
+def challenge(client, cfg, root: Path, challenger: str, champion: str | None, round_id: str, evaluate,
+              floor) -> RetrainResult:
+    """Score `challenger` (and `champion`, or the floors without one) on the benchmark, decide, move the aliases."""
+    name = cfg.registered_model
     bench = (root / cfg.benchmark).resolve()
-    pairs = benchmark_pairs(bench, benchmark_tasks(cfg.variant))
+    tasks = benchmark_tasks(cfg.variant)
+    pairs = benchmark_pairs(bench, tasks)
     challenger_out = champion_out = None
     if champion == challenger:
         decision = Decision(False, f"version {challenger} is already the champion (no new reward model)")
     else:
+        floors = {}
         if pairs:
             challenger_out, champion_out = score_versions(evaluate, cfg, bench, pairs, challenger, champion)
-        decision = decide(challenger_out, champion_out, cfg.margin, pairs > 0, cfg.confidence, cfg.bootstrap_samples)
-    out = RetrainResult(
-        result.parent_run_id, name, challenger, champion, mean_or_none(challenger_out), mean_or_none(champion_out),
+            floors = floor(root, bench, tasks, cfg.batch_size) if champion is None else {}
+        decision = decide(challenger_out, champion_out, cfg.margin, pairs > 0, cfg.confidence, cfg.bootstrap_samples,
+                          floors)
+    decision = apply_decision(client, name, challenger, champion, decision)
+    return RetrainResult(
+        round_id, name, challenger, champion, mean_or_none(challenger_out), mean_or_none(champion_out),
         cfg.benchmark, decision, pairs=0 if challenger_out is None else len(challenger_out),
         benchmark_digest=benchmark_digest(bench),
     )
-    apply_decision(client, name, challenger, champion, decision)
-    for key, value in decision_tags(out).items():
-        client.set_model_version_tag(name, challenger, key, value)
-        client.set_tag(result.parent_run_id, f"retrain.{key.removeprefix('cyclepref.')}", value)
-    client.set_tag(result.parent_run_id, "retrain.challenger_version", challenger)
-    return out
+
+
+ROUND_TAG = "cyclepref.round."
+
+
+def record_decision(client, out: RetrainResult, run_id: str | None, extra: dict[str, str]) -> None:
+    """Append-only: the round's decision (and `extra`, e.g. its data version) as one tag `cyclepref.round.<round>`
+    on the challenger's version and as retrain.* tags on the round's run; the version's unsuffixed
+    `cyclepref.decision*` tags keep the first decision made about it."""
+    tags = {**decision_tags(out), **extra}
+    name, version = out.registered_model, out.challenger_version
+    present = client.get_model_version(name, version).tags
+    for key, value in tags.items():
+        if key not in present:
+            client.set_model_version_tag(name, version, key, value)
+        if run_id:
+            client.set_tag(run_id, f"retrain.{key.removeprefix('cyclepref.')}", value)
+    summary = {k.removeprefix("cyclepref."): v for k, v in tags.items() if k != "cyclepref.decision_reason"}
+    client.set_model_version_tag(name, version, f"{ROUND_TAG}{out.pipeline_run_id}", json.dumps(summary))
+    if run_id:
+        client.set_tag(run_id, "retrain.challenger_version", version)
 
 
 ADAPTER_ARTIFACT = "adapter"
@@ -475,21 +587,82 @@ def register_adapters(client, result: PipelineResult, adapters: dict[str, str]) 
 
 
 @task(name="ingest-inputs", cache_policy=NO_CACHE, persist_result=False)
-def ingest_task(watch_dir: str, inputs_dir: str, texts_file: str | None) -> dict[str, int]:
-    return ingest_inputs(Path(watch_dir), Path(inputs_dir), texts_file)
+def ingest_task(root: str, watch_dir: str, pool: str) -> dict[str, int]:
+    """Ingest watch_dir into a new pool batch and `dvc add` it (after repairing what an interrupted round left)."""
+    path = Path(root)
+    track_batches(path, path / pool)
+    counts = ingest_inputs(path / watch_dir, path / pool)
+    track_batches(path, path / pool)
+    return counts
 
 
 @task(name="register-and-promote", cache_policy=NO_CACHE, persist_result=False)
-def promote_task(result: PipelineResult, root: str) -> RetrainResult:
+def promote_task(result: PipelineResult, root: str, champion: str | None) -> RetrainResult:
     from cyclepref.config import load_params
 
     path = Path(root)
-    cfg = load_params(path / "params.yaml").retrain
+    params = load_params(path / "params.yaml")
+    cfg = params.retrain
     client = lineage.client(path)
     adapters = register_adapters(client, result, cfg.adapters)
-    out = promote(client, result, cfg, path)
+    out = promote(client, result, cfg, path, champion=champion,
+                  extra_tags=data_version(path, params.prepare_inputs.pool))
     out.adapters = adapters
     return out
+
+
+ROUNDS_REPORT = "reports/retrain_rounds"
+
+
+def round_row(r: RetrainResult, trigger: str, started: str, seconds: float, data: dict[str, str]) -> dict:
+    c = r.decision.comparison
+    return {
+        "round": r.pipeline_run_id, "started_utc": started, "seconds": round(seconds, 1), "trigger": trigger,
+        "ingested": r.ingested, "pool_batches": data.get("cyclepref.data.pool_batches"),
+        "pool_md5": data.get("cyclepref.data.pool_md5"),
+        "reward": {
+            "challenger": r.challenger_version, "champion_before": r.champion_version,
+            "accuracy": r.challenger_accuracy, "champion_accuracy": r.champion_accuracy,
+            "gain": getattr(c, "gain", None), "low": getattr(c, "low", None), "high": getattr(c, "high", None),
+            "pairs": r.pairs, "promoted": r.decision.promote, "reason": r.decision.reason,
+        },
+    }
+
+
+def rounds_markdown(rows: list[dict]) -> str:
+    def pct(x) -> str:
+        return "n/a" if x is None else f"{100 * x:.2f}%"
+
+    def pts(x) -> str:
+        return "n/a" if x is None else f"{100 * x:+.2f}"
+
+    lines = ["# Retraining rounds", "", "Reward model on the frozen benchmark (gain in points, 95% paired-bootstrap "
+             "interval); one row per round, appended by the retraining flow.", "",
+             "| started (UTC) | seconds | ingested images / texts / quarantined | pool batches | challenger | "
+             "accuracy | champion before | gain [interval] | promoted |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        w, i = row["reward"], row["ingested"] or {}
+        lines.append(
+            f"| {row['started_utc']} | {row['seconds']} | {i.get('images', 0)} / {i.get('texts', 0)} / "
+            f"{i.get('quarantined', 0)} | {row['pool_batches']} | {w['challenger']} | {pct(w['accuracy'])} | "
+            f"{w['champion_before'] or 'none'} ({pct(w['champion_accuracy'])}) | {pts(w['gain'])} "
+            f"[{pts(w['low'])}, {pts(w['high'])}] | {'yes' if w['promoted'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def append_round(root: Path, row: dict) -> list[dict]:
+    """Append one row to reports/retrain_rounds.json (rows of earlier rounds are never rewritten) and regenerate
+    reports/retrain_rounds.md from all rows."""
+    from cyclepref.atomic import atomic_path
+
+    path = root / f"{ROUNDS_REPORT}.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    rows.append(row)
+    for out, text in ((path, json.dumps(rows, indent=1) + "\n"), (path.with_suffix(".md"), rounds_markdown(rows))):
+        with atomic_path(out) as tmp:
+            tmp.write_text(text)
+    return rows
 
 
 @flow(name="cyclepref-retrain", persist_result=False)
@@ -502,28 +675,42 @@ def retrain(
     stage_retries: int | None = None,
     retry_delay_s: float | None = None,
 ) -> RetrainResult:
-    """Ingest -> pipeline -> register -> champion/challenger on the frozen benchmark -> aliases."""
+    """One round: ingest -> pipeline -> register -> champion/challenger on the frozen benchmark -> aliases. At most
+    one round per repository at a time (RoundRunning otherwise); SIGTERM / SIGINT end the stage processes."""
+    path = Path(root).resolve()
+    with round_lock(path), stop_on_signals():
+        return run_round(path, ingest, trigger, stage_timeout_s, stage_retries, retry_delay_s)
+
+
+def run_round(path: Path, ingest: bool, trigger: str, stage_timeout_s, stage_retries, retry_delay_s) -> RetrainResult:
     from prefect.artifacts import create_markdown_artifact
 
     from cyclepref.config import load_params, require
 
-    path = Path(root).resolve()
+    started, clock = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.perf_counter()
     params = load_params(path / "params.yaml")
     cfg = require(params.retrain, "retrain")
+    champion = alias_version(lineage.client(path), cfg.registered_model, CHAMPION)
+    get_run_logger().info("champion at the start of the round: %s", champion or "none")
+    pool = params.prepare_inputs.pool
+    refuse_stage_outputs(path, params)
     ingested: dict[str, int] = {}
     if ingest and cfg.watch_dir:
-        inputs = params.prepare_inputs
-        if inputs.source != "folder":
-            raise ValueError(f"retrain.watch_dir needs prepare_inputs.source 'folder', got {inputs.source!r}")
-        ingested = ingest_task(str(path / cfg.watch_dir), str(path / inputs.path), inputs.texts_file)
+        ingested = ingest_task(str(path), cfg.watch_dir, pool)
         get_run_logger().info("ingested %s", ingested)
+    else:
+        track_batches(path, path / pool)
     result = pipeline(
         root=str(path), trigger=trigger, stage_timeout_s=stage_timeout_s, stage_retries=stage_retries,
         retry_delay_s=retry_delay_s,
     )
-    out = promote_task(result, str(path))
+    out = promote_task(result, str(path), champion)
     out.ingested = ingested
-    text = decision_markdown(out)
+    out.seconds = seconds = time.perf_counter() - clock
+    client = lineage.client(path)
+    client.set_tag(result.parent_run_id, "retrain.seconds", f"{seconds:.1f}")
+    append_round(path, round_row(out, trigger, started, seconds, data_version(path, pool)))
+    text = decision_markdown(out) + f"\nRound time: {seconds:.1f} s.\n"
     create_markdown_artifact(text, key="retrain-decision", description="Champion / challenger decision")
-    lineage.client(path).log_text(result.parent_run_id, text, "retrain_decision.md")
+    client.log_text(result.parent_run_id, text, "retrain_decision.md")
     return out

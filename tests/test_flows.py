@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from flow_projects import ROOT, command_project, inputs_project
 from mlflow import MlflowClient
+from test_flows_rounds import WORLD_N, pool_images, prepared_sources, sandbox
 from typer.testing import CliRunner
 
+from cyclepref.world.arrivals import render_arrivals
 from flows import lineage
 from flows.pipeline import (
     ConfigError,
@@ -165,7 +168,9 @@ def test_retrain_flow_ingests_registers_and_records_the_decision(prefect_api, ml
 
     first = retrain(root=str(project), trigger="test", stage_retries=0)
     assert first.ingested == {"images": 0, "texts": 1, "quarantined": 0}
-    assert (project / "data/inputs/texts.jsonl").read_text() == '{"prompt": "a red cube"}\n'
+    [batch] = [p for p in (project / "data/pool").iterdir() if p.is_dir()]
+    assert (batch / "texts.jsonl").read_text() == '{"prompt": "a red cube"}\n'
+    assert (project / "data/pool" / f"{batch.name}.dvc").exists()
     assert (first.challenger_version, first.champion_version, first.decision.promote) == ("1", None, False)
     assert "benchmark missing" in first.decision.reason
     version = client.get_model_version("cyclereward", "1")
@@ -250,22 +255,18 @@ def test_only_transient_errors_are_retried():
 
 
 def test_ingest_moves_new_inputs_once(tmp_path):
-    watch, inputs = tmp_path / "watch", tmp_path / "inputs"
+    watch, pool = tmp_path / "watch", tmp_path / "data" / "pool"
     (watch / "batch").mkdir(parents=True)
-    inputs.mkdir()
-    (inputs / "texts.jsonl").write_text('{"file": "images/old.jpg", "prompt": "old"}\n')
     (watch / "batch" / "new.png").write_bytes(b"png")
     (watch / "texts.jsonl").write_text('{"file": "batch/new.png", "prompt": "new"}\n{"prompt": "text only"}\n')
 
-    assert ingest_inputs(watch, inputs, "texts.jsonl") == {"images": 1, "texts": 2, "quarantined": 0}
-    rows = [json.loads(line) for line in (inputs / "texts.jsonl").read_text().splitlines()]
-    assert rows[0]["file"] == "images/old.jpg" and rows[2] == {"prompt": "text only"}
-    assert (inputs / rows[1]["file"]).read_bytes() == b"png" and rows[1]["file"].startswith("incoming/")
+    assert ingest_inputs(watch, pool) == {"images": 1, "texts": 2, "quarantined": 0}
+    [batch] = [p for p in pool.iterdir() if p.is_dir()]
+    rows = [json.loads(line) for line in (batch / "texts.jsonl").read_text().splitlines()]
+    assert rows == [{"file": "batch/new.png", "prompt": "new"}, {"prompt": "text only"}]
+    assert (batch / rows[0]["file"]).read_bytes() == b"png"
     assert not (watch / "texts.jsonl").exists() and list((watch / ".ingested").rglob("new.png"))
-    assert ingest_inputs(watch, inputs, "texts.jsonl") == {"images": 0, "texts": 0, "quarantined": 0}
-    (watch / "texts.jsonl").write_text('{"prompt": "x"}\n')
-    with pytest.raises(ValueError, match="jsonl"):
-        ingest_inputs(watch, inputs, None)
+    assert ingest_inputs(watch, pool) == {"images": 0, "texts": 0, "quarantined": 0}
 
 
 def test_deployment_is_cron_scheduled_with_concurrency_one(monkeypatch, tmp_path):
@@ -358,3 +359,54 @@ def test_noop_pipeline_starts_no_stage_process_and_reruns_what_changed(prefect_a
     assert sorted(started) == ["a", "b"]
     assert {o.stage: o.status for o in third.outcomes} == {"a": "executed", "b": "executed", "c": "skipped"}
     assert (project / "b.txt").read_text() == "2\n"
+
+
+@pytest.fixture
+def sandbox_project(prefect_api, mlflow_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    return sandbox(tmp_path / "sandbox")
+
+
+@pytest.mark.slow
+def test_two_rounds_keep_every_ingested_input_and_record_their_data_version(sandbox_project, mlflow_uri):
+    project = sandbox_project
+    client = MlflowClient(mlflow_uri)
+    render_arrivals(project / "incoming", 3, WORLD_N, 0)
+    first = retrain(root=str(project), trigger="test", stage_retries=0)
+    assert first.ingested == {"images": 3, "texts": 3, "quarantined": 0}
+    render_arrivals(project / "incoming", 2, WORLD_N, 0)
+    second = retrain(root=str(project), trigger="test", stage_retries=0)
+    assert second.ingested == {"images": 2, "texts": 2, "quarantined": 0}
+
+    batches = sorted(p.name for p in (project / "data/pool").iterdir() if p.is_dir())
+    assert len(batches) == 2 and all((project / "data/pool" / f"{b}.dvc").exists() for b in batches)
+    pooled = [f"pool/{p.relative_to(project / 'data/pool').as_posix()}" for p in pool_images(project)]
+    assert len(pooled) == 5
+    sources = prepared_sources(project)
+    assert len(sources) == WORLD_N + 5 and set(pooled) <= set(sources)
+    assert json.loads((project / "trained_on.json").read_text()) == sources
+
+    lock = lineage.lock_entries(project)
+    [pool_dep] = [d for d in lock["prepare_inputs"]["deps"] if d["path"] == "data/pool"]
+    for out in (first, second):
+        version = client.get_model_version("cyclereward", out.challenger_version).tags
+        run = client.get_run(out.pipeline_run_id).data.tags
+        assert run["retrain.data.pool_batches"] == ("1" if out is first else "2")
+        assert run["retrain.data.git_commit"] == version["cyclepref.data.git_commit"] != "unknown"
+    tags = client.get_run(second.pipeline_run_id).data.tags
+    assert tags["retrain.data.pool_md5"] == pool_dep["md5"]
+    assert tags["retrain.data.dvc_lock_sha256"] == lineage.lock_digest(project)
+    rounds = json.loads((project / "reports/retrain_rounds.json").read_text())
+    assert [r["ingested"]["images"] for r in rounds] == [3, 2] and all(r["seconds"] > 0 for r in rounds)
+    assert "| 2 |" in (project / "reports/retrain_rounds.md").read_text()
+
+    dvc = [sys.executable, "-m", "dvc"]
+    before = {p: p.read_bytes() for p in pool_images(project)}
+    (project / "data/world/inputs/scene-00000.png").unlink()
+    subprocess.run([*dvc, "checkout", "--force"], cwd=project, check=True, capture_output=True)
+    subprocess.run([*dvc, "repro", "--force", "make_world"], cwd=project, check=True, capture_output=True)
+    assert (project / "data/world/inputs/scene-00000.png").exists()
+    assert {p: p.read_bytes() for p in pool_images(project)} == before
+    status = subprocess.run([*dvc, "status", "data/pool/" + batches[0] + ".dvc"], cwd=project, capture_output=True,
+                            text=True, check=True).stdout
+    assert "changed" not in status

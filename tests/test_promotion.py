@@ -8,13 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from cyclepref.config import Retrain
 from flows import lineage
 from flows.pipeline import PipelineResult, StageOutcome
-from flows.retrain import CHALLENGER, CHAMPION, PREVIOUS, decide, decision_markdown, promote
+from flows.retrain import CHALLENGER, CHAMPION, PREVIOUS, decide, decision_markdown, promote, zero_shot_floor
 
+ROOT = Path(__file__).resolve().parents[1]
 NAME = "cyclereward"
 MARGIN = 0.02
 PAIRS = 200
@@ -30,7 +32,9 @@ def _outcomes(correct: int, start: int = 0) -> np.ndarray:
 @pytest.mark.parametrize(
     ("challenger", "champion", "margin", "present", "promoted", "reason"),
     [
-        (_outcomes(120), None, MARGIN, True, True, "no champion yet"),
+        (_outcomes(120), None, MARGIN, True, True, "clears the floor"),
+        (_outcomes(67), None, MARGIN, True, False, "does not clear the floor"),
+        (_outcomes(108), None, MARGIN, True, False, "does not clear the floor"),
         (_outcomes(110), _outcomes(120), MARGIN, True, False, "worse"),
         (_outcomes(120), _outcomes(120), MARGIN, True, False, "tie"),
         (_outcomes(120, start=40), _outcomes(120), MARGIN, True, False, "tie"),
@@ -40,7 +44,7 @@ def _outcomes(correct: int, start: int = 0) -> np.ndarray:
         (None, _outcomes(120), MARGIN, False, False, "benchmark missing"),
         (None, None, MARGIN, False, False, "benchmark missing"),
     ],
-    ids=["first", "worse", "identical", "same-accuracy", "noise", "below-margin", "clearly-better", "no-bench",
+    ids=["first", "first-below-random", "first-inside-the-noise-of-random", "worse", "identical", "same-accuracy", "noise", "below-margin", "clearly-better", "no-bench",
          "no-bench-no-champion"],
 )
 def test_decide(challenger, champion, margin, present, promoted, reason):
@@ -97,6 +101,7 @@ class Registry:
         self.exp = lineage.experiment_id(client)
         self.by_model: dict[str, np.ndarray] = {}
         self.evaluated: list[str] = []
+        self.backbone = _outcomes(100)
 
     def train_runs(self) -> tuple[str, str]:
         """A train_reward stage run (child of a pipeline run) and its combo variant run, as train_reward logs them."""
@@ -132,6 +137,10 @@ class Registry:
         self.evaluated.append(str(version.version))
         return self.by_model[version.source.removeprefix("models:/")]
 
+    def floor(self, root: Path, bench: Path, tasks: tuple[str, ...], batch_size: int) -> dict[str, np.ndarray]:
+        self.evaluated.append("backbone")
+        return {"backbone zero-shot": self.backbone}
+
     def aliases(self) -> dict[str, str]:
         return {k: str(v) for k, v in self.client.get_registered_model(NAME).aliases.items()}
 
@@ -155,21 +164,33 @@ def _cfg(root: Path, benchmark: str = "bench.jsonl") -> Retrain:
     return Retrain(registered_model=NAME, benchmark=benchmark, margin=MARGIN)
 
 
-def _promote(registry: Registry, result: PipelineResult, cfg: Retrain):
-    return promote(registry.client, result, cfg, registry.root, evaluate=registry.evaluate)
+def _promote(registry: Registry, result: PipelineResult, cfg: Retrain, **kwargs):
+    return promote(registry.client, result, cfg, registry.root, evaluate=registry.evaluate, floor=registry.floor,
+                   **kwargs)
 
 
-def test_first_model_becomes_champion(registry):
+def test_first_model_becomes_champion_when_it_clears_the_floor(registry):
     out = _promote(registry, registry.trained(_outcomes(120)), _cfg(registry.root))
     assert out.decision.promote and out.champion_version is None and out.challenger_version == "1"
     assert registry.aliases() == {CHAMPION: "1", CHALLENGER: "1"}
-    assert registry.evaluated == ["1"]
+    assert registry.evaluated == ["1", "backbone"]
+    assert "vs random" in out.decision.reason and "vs backbone zero-shot" in out.decision.reason
     tags = registry.client.get_model_version(NAME, "1").tags
     assert tags["cyclepref.decision"] == "promoted" and tags["cyclepref.champion_before"] == "none"
     assert tags["cyclepref.challenger_accuracy"] == "0.600000" and tags["cyclepref.benchmark_pairs"] == "200"
-    assert tags["cyclepref.gain"] == tags["cyclepref.gain_low"] == tags["cyclepref.gain_high"] == "n/a"
+    assert float(tags["cyclepref.gain"]) == pytest.approx(0.1) and float(tags["cyclepref.gain_low"]) > 0
     run_tags = registry.client.get_run(out.pipeline_run_id).data.tags
     assert run_tags["retrain.decision"] == "promoted" and run_tags["retrain.challenger_version"] == "1"
+
+
+@pytest.mark.parametrize(("first", "backbone"), [(_outcomes(67), _outcomes(40)), (_outcomes(130), _outcomes(128, start=10))],
+                         ids=["below-random", "not-above-the-backbone-zero-shot"])
+def test_a_first_model_below_the_floor_is_never_champion(registry, first, backbone):
+    registry.backbone = backbone
+    out = _promote(registry, registry.trained(first), _cfg(registry.root))
+    assert not out.decision.promote and "does not clear the floor" in out.decision.reason
+    assert registry.aliases() == {CHALLENGER: "1"}
+    assert registry.client.get_model_version(NAME, "1").tags["cyclepref.decision"] == "kept"
 
 
 def test_the_benchmark_is_recorded_relative_to_the_project(registry):
@@ -199,7 +220,7 @@ def test_challenger_against_champion(registry, outcomes, margin, promoted):
     out = _promote(registry, registry.trained(outcomes), cfg)
     assert out.decision.promote is promoted
     assert (out.challenger_accuracy, out.champion_accuracy, out.champion_version) == (outcomes.mean(), 0.60, "1")
-    assert registry.evaluated == ["1", "2", "1"]
+    assert registry.evaluated == ["1", "backbone", "2", "1"]
     if promoted:
         assert registry.aliases() == {CHAMPION: "2", CHALLENGER: "2", PREVIOUS: "1"}
     else:
@@ -237,7 +258,7 @@ def test_missing_benchmark_never_promotes(registry):
     _promote(registry, registry.trained(_outcomes(120)), cfg)
     out = _promote(registry, registry.trained(_outcomes(198)), cfg.model_copy(update={"benchmark": "absent.jsonl"}))
     assert not out.decision.promote and "benchmark missing" in out.decision.reason
-    assert out.challenger_accuracy is None and registry.evaluated == ["1"]
+    assert out.challenger_accuracy is None and registry.evaluated == ["1", "backbone"]
     assert registry.aliases() == {CHAMPION: "1", CHALLENGER: "2"}
     assert registry.client.get_model_version(NAME, "2").tags["cyclepref.benchmark_pairs"] == "0"
 
@@ -257,7 +278,7 @@ def test_skipped_training_reuses_the_version_and_rollback_alias_survives(registr
     again = _promote(registry, registry.rerun(train_run), cfg)
     assert again.challenger_version == "2" and not again.decision.promote
     assert "already the champion" in again.decision.reason
-    assert registry.evaluated == ["1", "2", "1"]
+    assert registry.evaluated == ["1", "backbone", "2", "1"]
     assert len(registry.client.search_model_versions(f"name = '{NAME}'")) == 2
     assert registry.aliases() == {CHAMPION: "2", CHALLENGER: "2", PREVIOUS: "1"}
 
@@ -307,7 +328,7 @@ def test_registered_pyfunc_is_scored_on_the_benchmark(mlflow_uri, tmp_path):
         log_reward_model(tmp_path / "reward")
 
     cfg = Retrain(registered_model=NAME, benchmark=str(bench), batch_size=4)
-    out = promote(client, registry.rerun(train), cfg, tmp_path)
+    out = promote(client, registry.rerun(train), cfg, tmp_path, floor=lambda *args: {})
 
     scorer = RewardScorer("m", RewardModel.from_pretrained(tmp_path / "reward"))
     by_task = load_benchmark(bench)
@@ -315,11 +336,20 @@ def test_registered_pyfunc_is_scored_on_the_benchmark(mlflow_uri, tmp_path):
     direct = [pair_outcomes(*scorer.score([s.example(i) for i in range(len(s))])) for s in by_task.values()]
     assert list(by_task) == ["i2t", "t2i"] and sum(a.n for a in accuracy.values()) == 12
     pooled = sum(a.accuracy * a.n for a in accuracy.values()) / 12
-    assert out.decision.promote and out.challenger_accuracy == pytest.approx(pooled)
-    outcomes = benchmark_outcomes(f"models:/{NAME}@{CHAMPION}", bench, ("i2t", "t2i"), 4)
+    assert out.challenger_accuracy == pytest.approx(pooled)
+    assert out.decision.promote is (out.decision.comparison.low > 0) and "vs random" in out.decision.reason
+    outcomes = benchmark_outcomes(f"models:/{NAME}/1", bench, ("i2t", "t2i"), 4)
     assert outcomes.shape == (12,) and outcomes.mean() == pytest.approx(pooled)
     assert outcomes.tolist() == np.concatenate(direct).tolist()
-    assert benchmark_outcomes(f"models:/{NAME}@{CHAMPION}", bench, ("t2i",), 4).tolist() == direct[1].tolist()
+    assert benchmark_outcomes(f"models:/{NAME}/1", bench, ("t2i",), 4).tolist() == direct[1].tolist()
+
+    params = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    params["train_reward"]["model"] |= {"path": str(backbone), "max_length": 16}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    [(name, zero_shot)] = zero_shot_floor(tmp_path, bench, ("i2t", "t2i"), 4).items()
+    fresh = RewardScorer("z", RewardModel.from_backbone(str(backbone), seed=0, max_length=16).eval())
+    expected = [pair_outcomes(*fresh.score([s.example(i) for i in range(len(s))])) for s in by_task.values()]
+    assert name == "backbone zero-shot" and zero_shot.tolist() == np.concatenate(expected).tolist()
 
 
 def test_dpo_adapters_are_registered_once_per_producing_run(registry, tmp_path):
@@ -359,6 +389,7 @@ def test_promotion_on_the_committed_sandbox_benchmark(registry):
     cycle = _sandbox_outcomes(records, lambda r: float(np.sign(r["chosen_cycle_score"] - r["rejected_cycle_score"])
                                                        + 1) / 2)
     oracle = np.ones(len(records))
+    registry.backbone = np.full(len(records), 0.5)
     cfg = Retrain(registered_model=NAME, benchmark=str(bench), margin=MARGIN)
     _promote(registry, registry.trained(cycle), cfg)
     same = _promote(registry, registry.trained(cycle.copy()), cfg)
@@ -366,3 +397,60 @@ def test_promotion_on_the_committed_sandbox_benchmark(registry):
     better = _promote(registry, registry.trained(oracle), cfg)
     assert better.decision.promote and registry.aliases()[CHAMPION] == "3"
     assert better.decision.comparison.low > 0
+
+
+# ---------------------------------------------------------------- people move aliases; decisions are kept
+
+
+def test_a_rollback_made_as_the_ui_makes_it_is_what_the_next_round_compares_against(registry):
+    cfg = _cfg(registry.root)
+    _promote(registry, registry.trained(_outcomes(120)), cfg)
+    _promote(registry, registry.trained(_outcomes(180)), cfg)
+    assert registry.aliases()[CHAMPION] == "2"
+    registry.client.set_registered_model_alias(NAME, CHAMPION, "1")
+    registry.evaluated.clear()
+    out = _promote(registry, registry.trained(_outcomes(150)), cfg)
+    assert out.champion_version == "1" and registry.evaluated == ["3", "1"]
+    assert out.decision.promote and out.champion_accuracy == pytest.approx(0.6)
+    assert registry.aliases() == {CHAMPION: "3", CHALLENGER: "3", PREVIOUS: "1"}
+
+
+def test_a_manual_promotion_is_obeyed_and_a_worse_challenger_never_replaces_it(registry):
+    cfg = _cfg(registry.root)
+    _promote(registry, registry.trained(_outcomes(120)), cfg)
+    _promote(registry, registry.trained(_outcomes(110)), cfg)
+    registry.client.set_registered_model_alias(NAME, CHAMPION, "2")
+    out = _promote(registry, registry.trained(_outcomes(100)), cfg)
+    assert out.champion_version == "2" and not out.decision.promote
+    assert registry.aliases()[CHAMPION] == "2"
+
+
+def test_an_alias_moved_while_the_round_runs_is_left_where_the_person_put_it(registry):
+    cfg = _cfg(registry.root)
+    _promote(registry, registry.trained(_outcomes(120)), cfg)
+    result = registry.trained(_outcomes(190))
+    registry.client.set_registered_model_alias(NAME, CHAMPION, "1")
+    out = _promote(registry, result, cfg, champion=None)
+    assert not out.decision.promote and "was moved to 1 during the round" in out.decision.reason
+    assert registry.aliases() == {CHAMPION: "1", CHALLENGER: "2"}
+
+
+def test_decisions_are_append_only_across_rounds(registry):
+    cfg = _cfg(registry.root)
+    _promote(registry, registry.trained(_outcomes(120)), cfg)
+    second = registry.trained(_outcomes(180))
+    promoted = _promote(registry, second, cfg, extra_tags={"cyclepref.data.pool_md5": "aaa.dir"})
+    again = _promote(registry, registry.rerun(second.outcomes[0].producer_run_id), cfg,
+                     extra_tags={"cyclepref.data.pool_md5": "bbb.dir"})
+    assert not again.decision.promote and again.challenger_version == "2"
+    tags = registry.client.get_model_version(NAME, "2").tags
+    assert tags["cyclepref.decision"] == "promoted" and float(tags["cyclepref.gain"]) == pytest.approx(0.3)
+    assert tags["cyclepref.data.pool_md5"] == "aaa.dir" and tags["cyclepref.benchmark_pairs"] == "200"
+    rounds = {k.removeprefix("cyclepref.round."): json.loads(v) for k, v in tags.items()
+              if k.startswith("cyclepref.round.")}
+    assert set(rounds) == {promoted.pipeline_run_id, again.pipeline_run_id}
+    assert rounds[promoted.pipeline_run_id]["decision"] == "promoted"
+    assert rounds[again.pipeline_run_id]["decision"] == "kept"
+    assert rounds[again.pipeline_run_id]["data.pool_md5"] == "bbb.dir"
+    first_run = registry.client.get_run(promoted.pipeline_run_id).data.tags
+    assert first_run["retrain.decision"] == "promoted" and first_run["retrain.data.pool_md5"] == "aaa.dir"
