@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -398,11 +399,15 @@ class Bench:
         self.render_steps = render_steps
         self.deadline = time.monotonic() + budget_s
         self.rows: list[Row] = []
+        self.arms: set[str] | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="cyclepref-gpu-bench-"))
         self.info: dict = {}
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
+
+    def chosen(self, arms: list[Arm]) -> list[Arm]:
+        return [a for a in arms if self.arms is None or a.name in self.arms]
 
     def batch(self, kind: str, paper: int) -> int:
         return SMOKE_BATCHES[kind] if self.smoke else paper
@@ -419,8 +424,9 @@ class Bench:
                 unit: str, stage: str, note: str = "", weight_bytes: float = 0.0, weight_reads: float = 1.0,
                 need_s: float = 5.0) -> Row | None:
         """One row: FLOPs of one call (counted, also the first warm-up), one more warm-up call (compilation happens
-        there), then calls until min_s has passed (at least one, as many as the budget allows). `items` per call
-        gives the throughput; weight_bytes x weight_reads per call gives the share of the copy bandwidth."""
+        there; not in smoke runs), then calls until min_s has passed (at least one, as many as the budget allows).
+        `items` per call gives the throughput; weight_bytes x weight_reads per call gives the share of the copy
+        bandwidth."""
         if self.left() < need_s:
             self.skip(section, model, arm, batch, unit, f"skipped: {self.left():.0f} s left", stage)
             return None
@@ -431,10 +437,11 @@ class Bench:
             flops = count_flops(fn)
             sync(self.device)
             first = time.perf_counter() - started
-            started = time.perf_counter()
-            fn()
-            sync(self.device)
-            first = min(first, time.perf_counter() - started)
+            if not self.smoke:
+                started = time.perf_counter()
+                fn()
+                sync(self.device)
+                first = min(first, time.perf_counter() - started)
             calls = max(1, min(20, math.ceil(self.min_s / max(first, 1e-6)), int(self.left() / max(first, 1e-6)) - 1))
             started = time.perf_counter()
             for _ in range(calls):
@@ -511,7 +518,7 @@ def bench_reward(b: Bench, arms: list[Arm]) -> None:
     n_words = b.sizes["captions"]
     pairs = [PairExample(f"p{i}", "i2t", f"g{i}", im, None, caption(n_words, i), caption(n_words, i + 1))
              for i, im in enumerate(images)]
-    for arm in arms:
+    for arm in b.chosen(arms):
         if b.left() < (120 if arm.compile else 10):
             for batch in (paper_batch, 1):
                 b.skip("reward scoring", "BLIP-large reward model", arm, batch, "pairs/s",
@@ -580,7 +587,7 @@ def bench_t2i(b: Bench, name: str, arms: list[Arm], render: bool = False) -> Non
                           else b.params.reconstruct_i2t.batch_size)
     paper_steps = SMOKE_STEPS if b.smoke else spec.steps
     unit = f"img/s ({paper_steps} steps, CFG)"
-    for arm in arms:
+    for arm in b.chosen(arms):
         if b.left() < (150 if arm.compile else 20):
             section = "text-to-image" if render else "diffusion denoising"
             for batch in (paper_batch,) if render else (paper_batch, 1):
@@ -600,7 +607,7 @@ def bench_t2i(b: Bench, name: str, arms: list[Arm], render: bool = False) -> Non
                 payload = {"prompts": prompts, "seeds": list(range(paper_batch))}
                 b.measure("text-to-image", f"{model} pipeline", arm, paper_batch, lambda: worker.run(payload),
                           paper_batch, f"img/s ({steps} steps + encode, decode, PNG)", stage,
-                          f"engine Worker('render').run; {note}", need_s=30)
+                          f"{note}; engine Worker('render').run", need_s=30)
         del worker, pipe, net
         b.free()
 
@@ -625,7 +632,7 @@ def bench_captioner(b: Bench, arms: list[Arm]) -> None:
     paper_batch = b.batch("caption", b.params.generate_i2t.batch_size)
     images = [png(im) for im in photos(paper_batch, b.sizes["image_side"], seed=1)]
     model = "LLaVA-1.5-7B captioner"
-    for arm in arms:
+    for arm in b.chosen(arms):
         if b.left() < (240 if arm.compile else 40):
             for batch in (paper_batch, 1):
                 b.skip("captioning", model, arm, batch, "tokens/s", f"skipped: {b.left():.0f} s left", "generate_i2t")
@@ -653,10 +660,10 @@ def bench_similarity(b: Bench, arms: list[Arm]) -> None:
     local = spec.model_copy(update={"path": str(where)})
     paper_batch = b.batch("similarity", b.params.score_t2i.batch_size)
     texts = [caption(50, i) for i in range(paper_batch)]
-    for arm in arms:
+    for arm in b.chosen(arms):
         with runtime_settings(arm, b.device, b.compile_backend), random_weights(b.device):
             sim = TextSimilarity(local, b.device)
-            net = sim.model[0].auto_model
+            net = next(m for m in sim.model.modules() if hasattr(m, "config") and hasattr(m, "can_generate"))
             ref = sim.embed(texts, paper_batch)
             for batch in (paper_batch, 1):
                 b.measure("similarity", "SBERT all-MiniLM-L6-v2", arm, batch,
@@ -710,8 +717,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--budget-s", type=float, default=400.0)
     parser.add_argument("--min-s", type=float, default=None, help="timed seconds per row (default 1; smoke 0.01)")
     parser.add_argument("--render-steps", type=int, default=4, help="denoising steps of the text-to-image rows")
-    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; smoke: eager)")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor; smoke: eager)")
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated, in measuring order")
+    parser.add_argument("--arms", default=None, help="comma-separated arm names to measure (default: all)")
     parser.add_argument("--out", default=None, help="write the rows as JSON (rewritten after every row)")
     parser.add_argument("--print", dest="print_json", default=None, help="print the table of a JSON written before")
     args = parser.parse_args(argv)
@@ -735,16 +743,20 @@ def main(argv: list[str] | None = None) -> list[Row]:
               args.min_s if args.min_s is not None else (0.01 if args.smoke else 1.0),
               args.compile_backend or ("eager" if args.smoke else "inductor"), peaks, args.out, args.smoke,
               args.render_steps)
+    b.arms = set(args.arms.split(",")) if args.arms else None
     b.info = {"device": name, "torch": torch.__version__, "tf32": False, "weights": "random, paper-size configs",
               "profile": "configs/paper.yaml", "smoke": args.smoke}
     torch.manual_seed(0)
-    for run in args.runs.split(","):
-        section, fn = RUNS[run]
-        try:
-            fn(b)
-        except ImportError as err:
-            b.skip(section, run, Arm("-", "", ""), 0, "-", f"skipped: {err}")
-        b.free()
+    try:
+        for run in args.runs.split(","):
+            section, fn = RUNS[run]
+            try:
+                fn(b)
+            except ImportError as err:
+                b.skip(section, run, Arm("-", "", ""), 0, "-", f"skipped: {err}")
+            b.free()
+    finally:
+        shutil.rmtree(b.tmp, ignore_errors=True)
     b.save()
     print(f"\n{name}, torch {torch.__version__}; TF32 off; random weights, paper-size configs\n")
     print(table(b.rows, peaks, name))

@@ -3,8 +3,8 @@ README's cost table.
 
 Without a device run, two kinds of figure, each row says which:
 - published: end-to-end seconds per image published for the same model and settings (A100-80GB);
-- estimate (FLOPs): 2 x parameters x tokens per item (the vision tower's and the language model's separately; attention added
-  for the diffusion transformers), at an assumed 40% of the A100's 312 TFLOP/s dense bf16 peak (NVIDIA A100
+- estimate (FLOPs): 2 x parameters x tokens per item (the vision tower's and the language model's separately;
+  attention added for the diffusion transformers), at an assumed 40% of the A100's 312 TFLOP/s dense bf16 peak (NVIDIA A100
   datasheet). Prefill and decode are counted alike, which assumes large-batch offline serving (vLLM); HF generate
   at small batches decodes several times slower.
 With a device run's gpu_results.json (bench/gpu.sh; default: bench/gpu_results.json when present) the rows that
