@@ -529,7 +529,8 @@ def bench_reward(b: Bench, arms: list[Arm]) -> None:
                 model = RewardModel(cfg, m.head_widths, m.fix_rate, m.max_length, processor).eval()
             model = runtime.place(model, "blip_itm", b.device, ("head",))
             scorer = RewardScorer("reward", model)
-            note = f"{resolved(model.vision_model)}; {m.max_length}-token texts; {side} px; head float32"
+            default = " (the paper profile's default)" if arm == FP32 else ""
+            note = f"{resolved(model.vision_model)}{default}; {m.max_length}-token texts; {side} px; head float32"
             for batch in (paper_batch, 1):
                 b.measure("reward scoring", "BLIP-large reward model", arm, batch,
                           lambda n=batch: scorer.score(pairs[:n]), batch, "pairs/s", "evaluate_reward", note,

@@ -56,7 +56,7 @@ def _env(tmp_path: Path, blocked: tuple[str, ...]) -> dict:
 @pytest.mark.timeout(1800)
 def test_gpu_sh_smoke_measures_every_row_through_the_adapters_without_the_absent_packages(tmp_path):
     done = subprocess.run(["bash", "bench/gpu.sh", "--smoke"], cwd=ROOT, env=_env(tmp_path, ABSENT),
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1700)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_results.json").read_text())
     peaks, rows = result["peaks"], result["rows"]
@@ -85,11 +85,12 @@ def test_gpu_sh_smoke_measures_every_row_through_the_adapters_without_the_absent
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_without_diffusers_the_other_rows_still_run(tmp_path):
     out = tmp_path / "rows.json"
     done = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--runs", "reward,sd,similarity", "--arms",
                            "fp32 eager,paper", "--out", str(out)], cwd=ROOT, env=_env(tmp_path, (*ABSENT, "diffusers")),
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1700)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     skipped = [r for r in rows if r["throughput"] is None]
@@ -108,6 +109,7 @@ def _gpu_module():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_rows_call_the_stages_batch_functions(monkeypatch, tmp_path):
     from cyclepref import engine
     from cyclepref.models.similarity import TextSimilarity
