@@ -53,10 +53,10 @@ def _env(tmp_path: Path, blocked: tuple[str, ...]) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 def test_gpu_sh_smoke_measures_every_row_through_the_adapters_without_the_absent_packages(tmp_path):
     done = subprocess.run(["bash", "bench/gpu.sh", "--smoke"], cwd=ROOT, env=_env(tmp_path, ABSENT),
-                          capture_output=True, text=True, timeout=1700)
+                          capture_output=True, text=True, timeout=3500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_results.json").read_text())
     peaks, rows = result["peaks"], result["rows"]
@@ -134,7 +134,7 @@ def test_rows_call_the_stages_batch_functions(monkeypatch, tmp_path):
     build = engine._build
     monkeypatch.setattr(engine, "_build", lambda kind, spec, device: kinds.append(kind) or build(kind, spec, device))
     rows = gpu.main(["--smoke", "--runs", "reward,captioner,render-sd,similarity", "--arms", "fp32 eager,paper",
-                     "--min-s", "0", "--out", str(tmp_path / "r.json")])
+                     "--min-s", "0", "--budget-s", "100000", "--out", str(tmp_path / "r.json")])
     assert all(r.throughput for r in rows)
     assert [(r.section, r.arm, r.batch) for r in rows] == [
         ("reward scoring", "fp32 eager", 3), ("reward scoring", "fp32 eager", 1),
