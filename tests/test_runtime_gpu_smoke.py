@@ -88,9 +88,9 @@ def test_gpu_sh_smoke_measures_every_row_through_the_adapters_without_the_absent
 @pytest.mark.timeout(1800)
 def test_without_diffusers_the_other_rows_still_run(tmp_path):
     out = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--runs", "reward,sd,similarity", "--arms",
-                           "fp32 eager,paper", "--budget-s", "100000", "--out", str(out)], cwd=ROOT, env=_env(tmp_path, (*ABSENT, "diffusers")),
-                          capture_output=True, text=True, timeout=1700)
+    args = ["--smoke", "--runs", "reward,sd,similarity", "--arms", "fp32 eager,paper", "--budget-s", "100000"]
+    done = subprocess.run([sys.executable, "bench/gpu.py", *args, "--out", str(out)], cwd=ROOT,
+                          env=_env(tmp_path, (*ABSENT, "diffusers")), capture_output=True, text=True, timeout=1700)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     skipped = [r for r in rows if r["throughput"] is None]
