@@ -15,7 +15,7 @@ CYCLEPREF_PRECISION   params (default: the model's params dtype on an accelerato
                       float16 is refused for the families in FP16_OVERFLOWS.
 CYCLEPREF_ATTENTION   auto (default: what transformers picks, SDPA where the architecture has it) | sdpa | eager
                       | flash_attention_2; families without an SDPA path (NO_SDPA) stay eager.
-CYCLEPREF_COMPILE     0 (default) | 1: torch.compile the model's hot module (compile_parts)
+CYCLEPREF_COMPILE     0 (default) | 1: torch.compile the model's hot module (compile_parts; place: the forward)
 CYCLEPREF_COMPILE_MODE  torch.compile mode (default: default); CYCLEPREF_COMPILE_BACKEND (default: inductor)
 CYCLEPREF_BATCH_SIZE  N (every stage) or "stage=N,stage=N": overrides the stage's params batch_size
 """
@@ -114,12 +114,12 @@ def load_kwargs(family: str, params_dtype: str = "float32", device_name: str | N
 def place(module, family: str, device_name: str | None = None, keep_float: tuple[str, ...] = (),
           params_dtype: str = "float32"):
     """`module` on the device in the family's dtype (dtype_name); the children named in `keep_float` (small heads
-    whose inputs are upcast) stay float32."""
+    whose inputs are upcast) stay float32; with CYCLEPREF_COMPILE=1 its forward is torch.compile'd."""
     dev = device_name or device()
     module = module.to(dev, torch_dtype(params_dtype, dev, family))
     for name in keep_float:
         getattr(module, name).float()
-    return module
+    return compile_parts(module, "forward")
 
 
 def compile_parts(owner, *names: str):

@@ -159,3 +159,28 @@ def test_bf16_reward_scores_stay_within_tolerance_of_fp32(zoo, monkeypatch):
     assert half.dtype == torch.float32 and full.std() > 0
     error = (half - full).abs().max() / full.std()
     assert error <= BF16_TOLERANCE, f"bf16 differs from fp32 by {error:.3f} std"
+
+
+def test_eager_attention_reaches_the_text_to_image_unet(zoo, monkeypatch):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from cyclepref.models.t2i import TextToImage
+
+    spec = T2ISpec(name="g", path=str(zoo / "tiny-sd"), family="sd", steps=2, guidance=7.5, height=32, width=32)
+    kinds = {type(p) for p in TextToImage(spec).pipe.unet.attn_processors.values()}
+    assert kinds == {AttnProcessor2_0}
+    monkeypatch.setenv("CYCLEPREF_ATTENTION", "eager")
+    kinds = {type(p) for p in TextToImage(spec).pipe.unet.attn_processors.values()}
+    assert kinds == {AttnProcessor}
+
+
+def test_place_compiles_the_forward_only_when_asked(monkeypatch):
+    module = torch.nn.Linear(4, 2)
+    x = torch.randn(3, 4)
+    expected = module(x)
+    assert "forward" not in vars(runtime.place(module, "blip_itm", "cpu"))
+    monkeypatch.setenv("CYCLEPREF_COMPILE", "1")
+    monkeypatch.setenv("CYCLEPREF_COMPILE_BACKEND", "eager")
+    placed = runtime.place(module, "blip_itm", "cpu")
+    assert hasattr(vars(placed)["forward"], "_torchdynamo_orig_callable")
+    torch.testing.assert_close(placed(x), expected)

@@ -43,6 +43,10 @@ class TextToImage:
             raise load_failed(spec.path, err) from err
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        if runtime.attention() == "eager" and getattr(self.pipe, "unet", None) is not None:
+            from diffusers.models.attention_processor import AttnProcessor
+
+            self.pipe.unet.set_attn_processor(AttnProcessor())
         runtime.compile_parts(self.pipe, "unet", "transformer")
 
     @torch.inference_mode()
