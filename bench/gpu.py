@@ -455,7 +455,7 @@ class Bench:
         peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda() else None
         tflops = flops / seconds / 1e12
         bw = weight_bytes * weight_reads / seconds / 1e12 / self.peaks["copy_tb_s"] if weight_bytes else None
-        row = Row(section, model, arm.name, batch, round(items / seconds, 4), unit, round(1000 * seconds, 2),
+        row = Row(section, model, arm.name, batch, round(items / seconds, 4), unit, round(1000 * seconds, 4),
                   flops, round(tflops, 3), round(tflops / self.peaks["matmul_tflops"], 4),
                   None if bw is None else round(bw, 4), None if peak is None else round(peak, 2), note, stage,
                   items)

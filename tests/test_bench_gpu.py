@@ -87,18 +87,18 @@ def test_compiled_code_is_counted_like_the_eager_code():
 
 
 def test_a_row_reports_counted_flops_tflops_and_mfu_against_the_measured_peak(tmp_path):
-    layer = nn.Linear(64, 64)
-    x = torch.randn(32, 64)
+    layer = nn.Linear(256, 256)
+    x = torch.randn(128, 256)
     peaks = {"matmul_tflops": 0.5, "copy_tb_s": 0.02}
     b = gpu.Bench("cpu", gpu.SMOKE_SIZES, None, 60, 0.01, "eager", peaks, str(tmp_path / "r.json"), True, 2)
-    row = b.measure("reward scoring", "linear", gpu.FP32, 32, lambda: layer(x), 32, "rows/s", "s",
-                    weight_bytes=64 * 64 * 4)
-    assert row.flops_per_call == 2 * 32 * 64 * 64
+    row = b.measure("reward scoring", "linear", gpu.FP32, 128, lambda: layer(x), 128, "rows/s", "s",
+                    weight_bytes=256 * 256 * 4)
+    assert row.flops_per_call == 2 * 128 * 256 * 256
     seconds = row.ms_per_call / 1000
-    assert row.throughput == pytest.approx(32 / seconds, rel=0.01)
+    assert row.throughput == pytest.approx(128 / seconds, rel=0.01)
     assert row.tflops == pytest.approx(row.flops_per_call / seconds / 1e12, rel=0.01, abs=1e-3)
-    assert row.mfu == pytest.approx(row.tflops / 0.5, rel=0.01, abs=1e-4)
-    assert row.bw_util == pytest.approx(64 * 64 * 4 / seconds / 0.02e12, rel=0.01, abs=1e-4)
+    assert row.mfu == pytest.approx(row.flops_per_call / seconds / 1e12 / 0.5, rel=0.01, abs=1e-4)
+    assert row.bw_util == pytest.approx(256 * 256 * 4 / seconds / 0.02e12, rel=0.01, abs=1e-4)
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["peaks"] == peaks and saved["rows"][0]["flops_per_call"] == row.flops_per_call
 

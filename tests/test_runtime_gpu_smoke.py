@@ -70,7 +70,8 @@ def test_gpu_sh_smoke_measures_every_row_through_the_adapters_without_the_absent
                 assert (section, model, arm, batch) in measured, (section, model, arm, batch)
     for r in measured.values():
         assert r["flops_per_call"] > 0 and r["stage"], r
-        assert r["mfu"] == pytest.approx(r["tflops"] / peaks["matmul_tflops"], rel=0.02, abs=2e-3)
+        achieved = r["flops_per_call"] / (r["ms_per_call"] / 1000) / 1e12
+        assert r["mfu"] == pytest.approx(achieved / peaks["matmul_tflops"], rel=0.02, abs=2e-4)
         if r["arm"] == FP32 or (r["arm"] == PAPER and r["section"] != "similarity"):
             assert r["note"].startswith("float32"), r
         elif r["section"] in ("reward scoring", "diffusion denoising", "captioning"):
