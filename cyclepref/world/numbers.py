@@ -73,7 +73,24 @@ def downstream(report: dict) -> list[Row]:
     return [("(d) DPO of the captioner / (e) Diffusion-DPO, F1 after - before", *cells)]
 
 
-ROWS: list[Callable[[dict], list[Row]]] = [agreement, benchmark, best_of_n, downstream]
+def sft_baseline(report: dict) -> list[Row]:
+    tasks = report.get("downstream", {}).get("tasks") or {}
+    rows = []
+    for key, question in (("sft_baseline", "SFT-only baseline, F1 after - before"), ("dpo_vs_sft", "DPO - SFT")):
+        cells = [_signed(*((tasks.get(t) or {}).get(key, {}).get(k) for k in ("delta", "delta_low", "delta_high")))
+                 for t in TASKS]
+        rows.append((f"(d) / (e) {question}", *cells))
+    return rows
+
+
+def label_quality(report: dict) -> list[Row]:
+    q = report.get("label_quality") or {}
+    decoder, back = q.get("i2t_decoder") or {}, q.get("t2i_back_captioner") or {}
+    return [(f"cycle label quality: backward model shows {what}", _share(decoder.get(key)), _share(back.get(key)))
+            for key, what in (("exact_scene", "exactly the scene of the text"), ("object_count", "the right object count"))]
+
+
+ROWS: list[Callable[[dict], list[Row]]] = [agreement, label_quality, benchmark, best_of_n, downstream, sft_baseline]
 
 
 def block(report: dict) -> str:
@@ -97,7 +114,8 @@ def headline_metrics(report: dict) -> dict[str, dict]:
         if not models:
             continue
         own = scores[verdicts.REWARD_MODEL if verdicts.REWARD_MODEL in scores else models[0]]
-        baselines = [v["accuracy"] for k, v in scores.items() if k not in models and k != "random"]
+        baselines = [v["accuracy"] for k, v in scores.items()
+                     if k not in models and k != "random" and not k.endswith("-dense")]
         out[task] = {"accuracy": own["accuracy"], "low": own.get("ci95_low"), "high": own.get("ci95_high"),
                      "rows": own.get("n"), "baseline": max(baselines) if baselines else None}
     return out

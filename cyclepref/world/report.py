@@ -319,8 +319,8 @@ def markdown(report: dict, examples: list[str]) -> str:
     for task, scores in report["benchmark"].items():
         lines += [f"| {task} | {name} | {_fmt(e)} |" for name, e in scores.items()]
     lines += ["", "`backbone-itc` / `backbone-itm`: the reward model's starting BLIP used zero-shot (contrastive cosine / "
-              "matching head); rows ending in `-dense` are judges pretrained on the world's complete dense captions, "
-              "an upper bound no real judge has.", "", "![benchmark](sandbox/benchmark.png)", ""]
+              "matching head); rows ending in `-dense` are judges pretrained on the world's complete dense captions "
+              "(what no web-trained judge sees), reported for comparison.", "", "![benchmark](sandbox/benchmark.png)", ""]
     lines += fit_markdown(report)
     lines += ["", "## Ladders: ground-truth quality of each model", "",
               "| task | model | mean F1 of its candidates |", "|---|---|---|"]

@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 TASKS = {"i2t": "I2T", "t2i": "T2I"}
-NAMES = {"cycle": "raw cycle consistency", "clipscore": "CLIPScore", "random": "random"}
+NAMES = {"cycle": "raw cycle consistency", "clipscore": "CLIPScore", "random": "random",
+         "backbone-itc": "its backbone zero-shot (ITC)", "backbone-itm": "its backbone zero-shot (ITM)",
+         "clipscore-dense": "CLIPScore of the dense-caption CLIP",
+         "backbone-itc-dense": "ITC of the dense-caption BLIP"}
 REWARD_PREFIX = "cyclereward-"
 REWARD_MODEL = "cyclereward-combo"
 
@@ -117,6 +120,11 @@ def downstream(report: dict) -> list[str]:
             continue
         judge = _judge({"evaluator": report["downstream"].get("evaluator", "ground_truth")})
         out.append(f"{what} {change(judge + ' F1', *values)} on {sec.get('n', '?')} held-out inputs.")
+        sft = [(sec.get("sft_baseline") or {}).get(k) for k in ("delta", "delta_low", "delta_high")]
+        vs = [(sec.get("dpo_vs_sft") or {}).get(k) for k in ("delta", "delta_low", "delta_high")]
+        if all(isinstance(v, int | float) for v in sft + vs):
+            out.append(f"Its SFT-only baseline on the same chosen outputs {change(judge + ' F1', *sft)}; DPO against "
+                       f"that baseline: {vs[0]:+.3f} [{vs[1]:+.3f}, {vs[2]:+.3f}].")
     return out
 
 
