@@ -196,6 +196,13 @@ def _unsafe(root: Path, rel: str) -> str | None:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         return "file name is not valid UTF-8 (DVC cannot track it): rename it and drop it again"
+    if (root / rel).is_symlink():
+        try:
+            (root / rel).resolve(strict=True)
+        except RuntimeError:
+            return "symbolic link loop: cannot be resolved; remove the link"
+        except OSError:
+            return "dangling symbolic link: cannot be resolved; remove the link or restore its target"
     try:
         resolved = inside(root, rel)
     except OutsideRoot as err:

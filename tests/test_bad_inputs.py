@@ -28,7 +28,7 @@ def corpus(tmp_path) -> tuple[Path, list[Case]]:
 def run_prepare(root: Path, path: str) -> tuple[dict, dict[str, tuple[str, str]]]:
     """The stage's summary and {source: (outcome, note or reason)} of every raw item."""
     params = load_params(ROOT / "params.yaml")
-    cfg = PrepareInputs(source="folder", path=path, texts_file="texts.jsonl")
+    cfg = PrepareInputs(source="folder", path=path, texts_file="texts.jsonl", pool="data/pool")
     summary = prepare_inputs.run(params.model_copy(update={"prepare_inputs": cfg}), root)
     kept = store.read_table(root / PATHS["inputs"], inp.INPUTS_SCHEMA).to_pylist()
     quarantined = store.read_table(root / PATHS["quarantine"], inp.QUARANTINE_SCHEMA).to_pylist()
@@ -91,8 +91,10 @@ def test_preflight_flags_every_entry_dvc_cannot_hash_in_the_corpus(corpus, tmp_p
 
 def test_corpus_through_the_retrain_ingest_then_prepare_inputs(corpus, tmp_path):
     folder, cases = corpus
-    inputs = tmp_path / "data" / "inputs"
-    counts = ingest_inputs(folder, inputs, "texts.jsonl")
+    pool = tmp_path / "data" / "pool"
+    (tmp_path / "data" / "inputs").mkdir(parents=True)
+    (tmp_path / "data" / "inputs" / "texts.jsonl").write_text("")
+    counts = ingest_inputs(folder, pool)
     at_ingest = [c for c in cases if c.ingest]
     passed = [c for c in cases if not c.ingest]
     assert counts["quarantined"] == len(at_ingest)
@@ -106,11 +108,12 @@ def test_corpus_through_the_retrain_ingest_then_prepare_inputs(corpus, tmp_path)
 
     summary, outcomes = run_prepare(tmp_path, "data/inputs")
     assert summary["inputs"] + summary["quarantined"] == len(outcomes) == len(passed)
-    [stamp] = (inputs / "incoming").iterdir()
+    [stamp] = pool.iterdir()
     line = 0
     for case in passed:
         line += case.row is not None
-        source = f"texts.jsonl:{line}" if case.source.startswith("texts.jsonl:") else f"incoming/{stamp.name}/{case.source}"
+        where = f"pool/{stamp.name}"
+        source = f"{where}/texts.jsonl:{line}" if case.source.startswith("texts.jsonl:") else f"{where}/{case.source}"
         assert_outcome(case, outcomes, source, case.after_ingest or case.reason)
     never_read_outside(tmp_path, folder)
-    assert ingest_inputs(folder, inputs, "texts.jsonl") == {"images": 0, "texts": 0, "quarantined": 0}
+    assert ingest_inputs(folder, pool) == {"images": 0, "texts": 0, "quarantined": 0}
