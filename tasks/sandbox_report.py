@@ -50,7 +50,8 @@ def text_metric_ablation(params: Params, root: Path, f1_t2i: dict[str, float]) -
     inputs = rp.read_table(root / tables.PATHS["inputs"], ["input_id", "prompt"])
     prompt = dict(zip(inputs["input_id"], inputs["prompt"], strict=True))
     prompts = [prompt[i] for i in back["input_id"]]
-    clip = ImageEmbedder(str(root / require(params.evaluate_reward, "evaluate_reward").clip), "cpu")
+    judge = require(params.evaluate_reward, "evaluate_reward").clip
+    clip = ImageEmbedder(str(root / judge) if (root / judge).exists() else judge, "cpu")
     cos = (clip.embed_texts(prompts) * clip.embed_texts(back["text"])).sum(-1).tolist()
     other = {"rouge_l": [rp.rouge_l(p, t) for p, t in zip(prompts, back["text"], strict=True)], "clip_text": cos}
     out = {"sbert": rp.metric_agreement(sbert, f1_t2i, pairs_cfg.tie_gap, pairs_cfg.quality_limits.sbert)}

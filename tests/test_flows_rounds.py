@@ -50,10 +50,11 @@ WORLD_N = 6
 
 
 def sandbox(path: Path) -> Path:
-    """make_world (real, 6 scenes) -> prepare_inputs (real, the world's scenes and the pool) -> train_reward (reads
-    the prepared inputs); the retrain watch folder is `incoming`, the pool data/pool as in the default profile."""
+    """make_world (real, 6 scenes) -> prepare_inputs (real, the world's scenes and the pool) -> gate@inputs (real) ->
+    train_reward (reads the prepared inputs, behind their gate); the retrain watch folder is `incoming`, the pool data/pool as in the default profile."""
     params = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
     keep = {k: params[k] for k in ("world", "prepare_inputs")}
+    keep["gates"] = {"inputs": params["gates"]["inputs"]}
     keep["world"]["inputs"]["n"] = WORLD_N
     keep |= {"profile": "rounds", "bootstrap_models": {"build": []},
              "retrain": {"registered_model": "cyclereward", "benchmark": "absent.jsonl", "watch_dir": "incoming"}}
@@ -62,7 +63,11 @@ def sandbox(path: Path) -> Path:
                        "outs": ["data/world/inputs"]},
         "prepare_inputs": {"cmd": "python -m tasks.prepare_inputs", "params": ["prepare_inputs"],
                            "deps": ["${prepare_inputs.path}", "${prepare_inputs.pool}"], "outs": ["data/prepared"]},
-        "train_reward": {"cmd": "python train.py", "deps": ["train.py", "data/prepared"],
+        "gate": {"foreach": {"inputs": {"table": "data/prepared"}},
+                 "do": {"cmd": "python -m tasks.gate ${key}", "deps": ["${item.table}"], "params": ["gates.${key}"],
+                        "outs": [{"reports/dq/${key}.json": {"cache": False}}, {"reports/dq/${key}.md": {"cache": False}}],
+                        "metrics": [{"reports/metrics/gate_${key}.json": {"cache": False}}]}},
+        "train_reward": {"cmd": "python train.py", "deps": ["train.py", "data/prepared", "reports/dq/inputs.json"],
                          "outs": ["trained_on.json"]},
     }
     path.mkdir(parents=True)
