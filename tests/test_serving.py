@@ -62,7 +62,8 @@ def test_good_rows_are_scored(server):
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ([b"not an image at all", "a red square"], "row 1: image is not a PNG or JPEG file (19 bytes)"),
+        ([b"not an image at all", "a red square"],
+         "row 1: image is not a PNG or JPEG file (19 bytes); the formats accepted are PNG, JPEG"),
         ([_png("blue"), None], "row 1: text is null; every row needs a non-empty text"),
         ([_png("blue"), "   "], "row 1: text is empty; every row needs a non-empty text"),
     ],
