@@ -86,8 +86,8 @@ def test_readme_numbers_are_generated_from_sandbox_json():
 
 def test_readme_block_gains_a_row_for_a_new_scorer_and_sync_needs_markers():
     report = copy.deepcopy(SANDBOX)
-    report["benchmark"]["i2t"]["backbone-itc"] = _acc(0.917, 0.9, 0.93, 1025)
-    assert "| (b) benchmark accuracy: backbone-itc | 91.7% [90.0, 93.0] of 1025 pairs |  |" in numbers.block(report)
+    report["benchmark"]["i2t"]["pickscore"] = _acc(0.917, 0.9, 0.93, 1025)
+    assert "| (b) benchmark accuracy: pickscore | 91.7% [90.0, 93.0] of 1025 pairs |  |" in numbers.block(report)
     with pytest.raises(ValueError, match="no block"):
         numbers.sync("no markers here", report)
     text = f"before\n{numbers.BEGIN}\nold\n{numbers.END}\nafter\n"
