@@ -683,14 +683,14 @@ def _cell(value, fmt: str, width: int) -> str:
 
 
 def table(rows: list[Row], peaks: dict, device: str) -> str:
-    head = (f"{'model':28s} {'arm':18s} {'batch':>5s} {'throughput':>11s} {'unit':34s} {'ms/call':>9s} "
+    head = (f"{'model':34s} {'arm':18s} {'batch':>5s} {'throughput':>11s} {'unit':34s} {'ms/call':>9s} "
             f"{'TFLOP/s':>8s} {'MFU %':>6s} {'BW %':>6s} {'GiB':>6s}  note")
     lines = [f"{device}: dense {peaks['matmul_dtype']} {peaks['matmul_n']}^3 matmul {peaks['matmul_tflops']:.1f} "
              f"TFLOP/s, device copy {peaks['copy_tb_s']:.3f} TB/s (read + write); MFU = TFLOP/s / that peak; "
              "BW = weight bytes read per call / time / copy bandwidth", "", head, "-" * len(head)]
     for r in ordered(rows):
         pct = [None if v is None else 100 * v for v in (r.mfu, r.bw_util)]
-        lines.append(f"{r.model[:28]:28s} {r.arm:18s} {r.batch:5d} {_cell(r.throughput, '.3f', 11)} "
+        lines.append(f"{r.model[:34]:34s} {r.arm:18s} {r.batch:5d} {_cell(r.throughput, '.3f', 11)} "
                      f"{r.unit[:34]:34s} {_cell(r.ms_per_call, '.1f', 9)} {_cell(r.tflops, '.1f', 8)} "
                      f"{_cell(pct[0], '.1f', 6)} {_cell(pct[1], '.1f', 6)} {_cell(r.peak_gib, '.1f', 6)}  {r.note}")
     return "\n".join(lines)

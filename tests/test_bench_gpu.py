@@ -162,3 +162,12 @@ def test_paper_cost_rewrites_the_readme_table_between_its_markers(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit):
         paper_cost.main(["--results", str(results), "--write-readme", str(readme)])
+
+
+def test_the_table_keeps_every_model_name_whole():
+    names = ["SD3-medium MMDiT 1024 px pipeline", "BLIP-large reward model", "LLaVA-1.5-7B captioner"]
+    rows = [gpu.Row("text-to-image", name, "paper", 2, 1.0, "images/s", 10.0, 10**9, 0.1, 0.01, None, 1.0)
+            for name in names]
+    peaks = {"matmul_dtype": "bfloat16", "matmul_n": 8192, "matmul_tflops": 10.0, "copy_tb_s": 1.0}
+    text = gpu.table(rows, peaks, "cpu")
+    assert all(name in text for name in names)
