@@ -1,6 +1,6 @@
 """Stage sandbox_report: the pipeline's numbers judged against the sandbox world's ground truth
-(cyclepref.world.report). Writes reports/sandbox.json, reports/metrics/sandbox_report_<task>.json (DVC metrics), reports/sandbox.md with plots and examples
-under reports/sandbox/, and logs them as MLflow artifacts."""
+(cyclepref.world.report). Writes reports/sandbox.json, reports/metrics/sandbox_report_<task>.json (DVC metrics),
+reports/sandbox.md with plots and examples under reports/sandbox/, and logs them as MLflow artifacts."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def text_metric_ablation(params: Params, root: Path, f1_t2i: dict[str, float]) -
     """The T2I cycle's text metric, ablated as the paper ablates the I2T image metric: agreement with ground truth of
     the pairs built from SBERT (the pipeline's scores, the paper's choice), ROUGE-L and the judge CLIP's text
     cosine between prompt and back-caption, each under the pipeline's tie gap (SBERT also under its 0.4 limit)."""
+    from cyclepref import runtime
     from cyclepref.models.similarity import ImageEmbedder
 
     pairs_cfg = require(params.build_pairs, "build_pairs")
@@ -51,7 +52,7 @@ def text_metric_ablation(params: Params, root: Path, f1_t2i: dict[str, float]) -
     prompt = dict(zip(inputs["input_id"], inputs["prompt"], strict=True))
     prompts = [prompt[i] for i in back["input_id"]]
     judge = require(params.evaluate_reward, "evaluate_reward").clip
-    clip = ImageEmbedder(str(root / judge) if (root / judge).exists() else judge, "cpu")
+    clip = ImageEmbedder(str(root / judge) if (root / judge).exists() else judge, runtime.device())
     cos = (clip.embed_texts(prompts) * clip.embed_texts(back["text"])).sum(-1).tolist()
     other = {"rouge_l": [rp.rouge_l(p, t) for p, t in zip(prompts, back["text"], strict=True)], "clip_text": cos}
     out = {"sbert": rp.metric_agreement(sbert, f1_t2i, pairs_cfg.tie_gap, pairs_cfg.quality_limits.sbert)}

@@ -101,15 +101,22 @@ def beats_policy(pairset, scores: dict[str, float]) -> list[int]:
             if inp in scores and c > scores[inp]]
 
 
-def training_pairs(root: Path, task: str, split: str, mode: str, policy: str,
-                   max_pairs: int | None = None) -> PairList:
-    """The pairs of a split that a DPO stage learns from (train) or validates on: all of them, or (mode beats_policy)
-    those whose chosen candidate beats the policy's own output by the pipeline's cycle score."""
+def policy_pairs(root: Path, task: str, mode: str, policy: str,
+                 max_pairs: int | None = None) -> tuple[PairList, PairList]:
+    """The train and valid pairs a DPO stage learns from and validates on: all of them, or (mode beats_policy) those
+    whose chosen candidate beats the policy's own output by the pipeline's cycle score. ValueError when no train
+    pair is left."""
     from cyclepref.reward.data import TablePairSource
 
-    pairset = TablePairSource(Path(root)).pairs(task, split)
-    indices = beats_policy(pairset, policy_scores(root, task, policy)) if mode == "beats_policy" else None
-    return PairList(pairset, max_pairs, indices)
+    source = TablePairSource(Path(root))
+    scores = policy_scores(root, task, policy) if mode == "beats_policy" else None
+    train, valid = (source.pairs(task, split) for split in ("train", "valid"))
+    selected = [PairList(s, n, None if scores is None else beats_policy(s, scores))
+                for s, n in ((train, max_pairs), (valid, None))]
+    if not len(selected[0]):
+        raise ValueError(f"{root}: no {task} train pairs selected (pairs: {mode}; dvc repro build_pairs; check "
+                         "build_pairs.split)")
+    return selected[0], selected[1]
 
 
 def pair_examples(root: Path, task: str, split: str, max_pairs: int | None = None) -> PairList:

@@ -1,7 +1,8 @@
 """Diffusion-DPO (Wallace et al. 2023; PAPER.md §6) of a UNet text-to-image pipeline with a LoRA adapter.
 
 For a (prompt, preferred image, rejected image) pair both images are encoded by the frozen VAE (the posterior mean,
-the latents the denoiser was trained on) and noised with the same noise and timestep; the UNet with the adapter is the trained model, the same UNet with the adapter disabled is
+the latents the denoiser was trained on) and noised with the same noise and timestep; the UNet with the adapter is
+the trained model, the same UNet with the adapter disabled is
 the reference. Loss: cyclepref.downstream.losses.diffusion_dpo_loss. The adapter is saved in diffusers' LoRA format
 (pytorch_lora_weights.safetensors), so `pipeline.load_lora_weights(dir)` restores it for generation.
 """
@@ -190,13 +191,9 @@ def train_diffusion_dpo(cfg: DiffusionDpo, root: Path, device: str, out_dir: Pat
                         log_metrics: Callable[[dict, int], None] | None = None, sft_dir: Path | None = None) -> dict:
     """Diffusion-DPO (+ denoising term) on the selected train pairs into out_dir; with `sft_dir`, the SFT-only
     baseline beside."""
-    from cyclepref.downstream.data import training_pairs
+    from cyclepref.downstream.data import policy_pairs
 
-    train = training_pairs(root, "t2i", "train", cfg.pairs, cfg.model.name, cfg.max_pairs)
-    valid = training_pairs(root, "t2i", "valid", cfg.pairs, cfg.model.name)
-    if not len(train):
-        raise ValueError(f"{root}: no T2I train pairs selected (pairs: {cfg.pairs}; dvc repro build_pairs; check "
-                         "build_pairs.split)")
+    train, valid = policy_pairs(root, "t2i", cfg.pairs, cfg.model.name, cfg.max_pairs)
     report = {"pairs": cfg.pairs, "train_pairs": len(train), "valid_pairs": len(valid),
               **train_one(cfg, root, device, train, valid, out_dir, log_metrics)}
     if sft_dir is not None:

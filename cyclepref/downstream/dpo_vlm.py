@@ -184,13 +184,9 @@ def train_one(cfg: DpoVlm, root: Path, device: str, train, valid, out_dir: Path,
 def train_dpo_vlm(cfg: DpoVlm, root: Path, device: str, out_dir: Path, work_dir: Path,
                   log_metrics: Callable[[dict, int], None] | None = None, sft_dir: Path | None = None) -> dict:
     """DPO (+ SFT term) on the selected train pairs into out_dir; with `sft_dir`, the SFT-only baseline beside."""
-    from cyclepref.downstream.data import training_pairs
+    from cyclepref.downstream.data import policy_pairs
 
-    train = training_pairs(root, "i2t", "train", cfg.pairs, cfg.captioner.name, cfg.max_pairs)
-    valid = training_pairs(root, "i2t", "valid", cfg.pairs, cfg.captioner.name)
-    if not len(train):
-        raise ValueError(f"{root}: no I2T train pairs selected (pairs: {cfg.pairs}; dvc repro build_pairs; check "
-                         "build_pairs.split)")
+    train, valid = policy_pairs(root, "i2t", cfg.pairs, cfg.captioner.name, cfg.max_pairs)
     report = {"pairs": cfg.pairs, "train_pairs": len(train), "valid_pairs": len(valid),
               **train_one(cfg, root, device, train, valid, out_dir, work_dir, log_metrics)}
     if sft_dir is not None:
