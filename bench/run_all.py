@@ -163,6 +163,10 @@ def _overhead_lines(o: dict) -> list[str]:
                       f"{wide['cyclepref_pipeline_noop_s']['median']} s against `dvc repro` "
                       f"{wide['dvc_repro_noop_s']['median']} s (medians): x{wide['ratio']}, target <= "
                       f"x{wide['target_ratio']}: {'met' if wide['within_target'] else 'MISSED'}."]
+        if "cyclepref_pipeline_record_s" in wide:
+            r = wide["cyclepref_pipeline_record_s"]
+            lines[-1] += (f" With `--record` (a Prefect flow run, an MLflow child run per stage): {r['median']} s "
+                          f"([{r['min']}, {r['max']}]).")
     return lines
 
 

@@ -242,10 +242,19 @@ RETRIES_OPTION = typer.Option(None, "--retries", min=0, help="Retries after a tr
 
 @app.command("pipeline")
 def pipeline_cmd(
-    root: Path = ROOT_OPTION, timeout_s: float | None = TIMEOUT_OPTION, retries: int | None = RETRIES_OPTION
+    root: Path = ROOT_OPTION, timeout_s: float | None = TIMEOUT_OPTION, retries: int | None = RETRIES_OPTION,
+    record: bool = typer.Option(False, "--record", help="Record a new flow run even when nothing changed."),
 ) -> None:
-    """Run every DVC stage as a Prefect flow (one task per stage), with an MLflow parent run and a child per stage."""
+    """Run every DVC stage as a Prefect flow (one task per stage), with an MLflow parent run and a child per stage.
+    When DVC has nothing to run and the last completed pipeline run recorded this dvc.lock, say so and stop."""
     root = _project(root)
+    from flows import uptodate
+
+    last = None if record else uptodate.current(root)
+    if last is not None:
+        typer.echo(f"Pipeline up to date: {last.stages} stages, nothing to run. This state is recorded by MLflow "
+                   f"run {last.parent_run_id} ({last.recorded_by}, {last.finished_utc}); --record records a new run.")
+        return
     from flows.pipeline import pipeline
 
     try:

@@ -32,7 +32,7 @@ from typing import ClassVar
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import lineage, settings
+from flows import lineage, settings, uptodate
 
 GATE_PREFIX = "gate@"
 GATE_REPORTS = "reports/dq"
@@ -562,4 +562,5 @@ def pipeline(
     result.outcomes = scheduler.outcomes()
     lineage.finish_pipeline_run(client, parent, path, failed=False)
     publish(result, path, client)
+    uptodate.remember(path, parent, "cyclepref pipeline", client.tracking_uri, len(stages))
     return result

@@ -17,7 +17,7 @@ from contextlib import chdir
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows import lineage
+from flows import lineage, uptodate
 
 RAN = re.compile(r"^Running stage '(.+)':")
 SKIPPED = re.compile(r"^Stage '(.+)' (?:didn't change, skipping|is cached - skipping run)")
@@ -109,4 +109,6 @@ def repro(
             result.records[stage] = record(client, parent, stage, root)
         lineage.finish_pipeline_run(client, parent, root, failed=code != 0)
         client.log_text(parent, summary_markdown(result), "repro_summary.md")
+    if code == 0 and not targets:
+        uptodate.remember(root, parent, trigger, client.tracking_uri, len(result.statuses))
     return result

@@ -17,7 +17,7 @@ from test_flows_rounds import WORLD_N, pool_images, prepared_sources, sandbox
 from typer.testing import CliRunner
 
 from cyclepref.world.arrivals import render_arrivals
-from flows import lineage
+from flows import lineage, uptodate
 from flows.pipeline import (
     ConfigError,
     GateFailed,
@@ -354,11 +354,51 @@ def test_noop_pipeline_starts_no_stage_process_and_reruns_what_changed(prefect_a
     producers = {o.stage: o.child_run_id for o in first.outcomes}
     assert {k.info.run_name: k.data.tags[lineage.SOURCE_TAG] for k in kids} == producers
 
+    assert uptodate.current(project).parent_run_id == second.parent_run_id
     (project / "in.txt").write_text("2\n")
+    assert uptodate.current(project) is None
     third = pipeline(root=str(project), trigger="test", stage_retries=0)
     assert sorted(started) == ["a", "b"]
     assert {o.stage: o.status for o in third.outcomes} == {"a": "executed", "b": "executed", "c": "skipped"}
     assert (project / "b.txt").read_text() == "2\n"
+
+
+def test_a_noop_cli_pipeline_reports_the_run_that_recorded_this_state_and_records_nothing(
+    mlflow_uri, tmp_path, monkeypatch
+):
+    """After a whole-pipeline record (`make run`'s `cyclepref repro` here), a `cyclepref pipeline` with nothing to run
+    starts no flow and no MLflow run; a changed input, a changed dvc.lock, another store or --record run the flow."""
+    import flows.pipeline
+    from cyclepref.cli import app
+    from flows.repro import repro
+
+    copy = 'python -c "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])" {} {}'
+    stages = {"a": {"cmd": copy.format("in.txt", "a.txt"), "deps": ["in.txt"], "outs": ["a.txt"]}}
+    project = command_project(tmp_path / "p", stages, files={"in.txt": "1\n"})
+    made = repro(project, echo=lambda line: None)
+    assert made.returncode == 0
+    calls: list[dict] = []
+    monkeypatch.setattr(flows.pipeline, "pipeline", lambda **kw: calls.append(kw) or PipelineResult(
+        "new-run", "0", "flowtest", ["a"]))
+    client = MlflowClient(mlflow_uri)
+    runs = len(client.search_runs([lineage.experiment_id(client)]))
+
+    def cli(*extra: str) -> str:
+        done = CliRunner().invoke(app, ["pipeline", "--root", str(project), *extra])
+        assert done.exit_code == 0, done.output
+        return done.output
+
+    out = cli()
+    assert calls == [] and f"recorded by MLflow run {made.parent_run_id}" in out and "1 stages" in out
+    assert len(client.search_runs([lineage.experiment_id(client)])) == runs
+    assert "new-run" in cli("--record") and len(calls) == 1
+    (project / "in.txt").write_text("2\n")
+    assert "new-run" in cli() and len(calls) == 2
+    subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, check=True, capture_output=True)
+    assert "new-run" in cli() and len(calls) == 3
+    assert repro(project, echo=lambda line: None).returncode == 0 and "up to date" in cli()
+    monkeypatch.setenv("CYCLEPREF_MLFLOW_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    assert "new-run" in cli() and len(calls) == 4
 
 
 @pytest.fixture
