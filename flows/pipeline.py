@@ -249,7 +249,12 @@ LIVE_STAGES: set[subprocess.Popen] = set()
 """The stage processes (each its own session) this process is running: ended by kill_live_stages on a signal."""
 
 
+STOPPING = threading.Event()
+"""Set once this process ends its stages (a signal, a cancelled flow): no stage starts or is retried after that."""
+
+
 def kill_live_stages(grace_s: float = 3.0) -> None:
+    STOPPING.set()
     for proc in list(LIVE_STAGES):
         _kill_group(proc, grace_s)
 
@@ -258,6 +263,8 @@ def execute_stage(
     stage: str, root: Path, env: dict[str, str], timeout_s: float, echo: Callable[[str], None] = print
 ) -> tuple[str, float]:
     """Run `dvc repro --single-item stage`; returns (executed | skipped, seconds) or raises a StageError."""
+    if STOPPING.is_set():
+        raise StageFailed(stage, "not started: the flow is stopping")
     started = time.perf_counter()
     tail: deque[str] = deque(maxlen=400)
     seen = {"run": False, "skip": False}
@@ -336,7 +343,9 @@ def execute_with_lock_retries(
 
 
 def retry_transient(task_, task_run, state) -> bool:
-    """Prefect retry_condition_fn: retry only TransientStageError."""
+    """Prefect retry_condition_fn: retry only TransientStageError, and nothing once the flow is stopping."""
+    if STOPPING.is_set():
+        return False
     try:
         state.result()
     except TransientStageError:
@@ -535,6 +544,7 @@ def pipeline(
     from prefect.runtime import flow_run
 
     path = Path(root).resolve()
+    STOPPING.clear()
     stages, upstream, fresh = stage_plan(path, status=True)
     profile = read_profile(path)
     preflight(path)
@@ -553,6 +563,8 @@ def pipeline(
                                                     scheduler.fresh(stage, fresh)),
                       stagger_s=settings.stage_stagger_s())
     except BaseException as err:
+        if not isinstance(err, StageError):
+            kill_live_stages()
         result.outcomes = scheduler.outcomes()
         result.failed_stage, result.error = scheduler.failed or scheduler.last_started, str(err)
         client.set_tag(parent, "cyclepref.failed_stage", result.failed_stage or "")

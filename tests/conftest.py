@@ -32,6 +32,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect server for the whole session; its URL is exported as PREFECT_API_URL for the flows that
+    tests start in subprocesses."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        previous = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        yield
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+
+
+@pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> Path:
     """The tiny model zoo (all families), built once per session; returns the directory holding data/models/*."""
     from cyclepref.models import zoo as z

@@ -36,15 +36,6 @@ from flows.pipeline import (
 from flows.retrain import ingest_inputs, retrain
 
 
-@pytest.fixture(scope="session")
-def prefect_api():
-    """One temporary Prefect server for the whole session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
 def stage_path(monkeypatch):
     """Stage subprocesses import tasks/ from this repository."""

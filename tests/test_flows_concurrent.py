@@ -30,14 +30,6 @@ STAMP = (
 )
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 class FakeFuture:
     """A Prefect-future stand-in: `wrapped_future` is a concurrent future, `result()` its value."""
 
