@@ -174,3 +174,27 @@ def test_the_rounds_report_carries_the_policies_and_renders_rows_without_them(lo
     assert first.endswith("| yes | none |")
     assert "captioner v1 F1 84.00% vs base 60.00%: +24.00" in second and "promoted; t2i v1" in second
     assert second.endswith("kept |")
+
+
+def test_policies_need_a_benchmark_their_own_models_and_a_champion_folder_outside_stage_outputs(tmp_path):
+    from cyclepref.config import ParamsError
+    from cyclepref.profiles import ingest_targets_in_outputs
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(parse_params(raw).retrain.policies) == {"captioner", "t2i"}
+    for change, message in (
+        (lambda r: r["retrain"].pop("policy_benchmark"), "needs retrain.policy_benchmark"),
+        (lambda r: r["retrain"]["policies"]["t2i"].update(stage="dpo_vlm"), "one policy per stage"),
+        (lambda r: r["retrain"]["policies"]["t2i"].update(registered_model="cyclereward"), "its own registered"),
+        (lambda r: r["dpo_vlm"].pop("init_adapter"), "stage dpo_vlm needs its section with init_adapter"),
+    ):
+        bad = json.loads(json.dumps(raw))
+        change(bad)
+        with pytest.raises(ParamsError, match=message):
+            parse_params(bad)
+    inside = json.loads(json.dumps(raw))
+    inside["dpo_vlm"]["init_adapter"] = "data/downstream/dpo_vlm/adapter"
+    found = ingest_targets_in_outputs(parse_params(inside), ROOT / "dvc.yaml")
+    assert found == [f"dpo_vlm.init_adapter = data/downstream/dpo_vlm/adapter overlaps data/downstream/dpo_vlm, an "
+                     "output of stage dpo_vlm: a DVC checkout would delete what is ingested there; use a folder no "
+                     "stage writes (e.g. data/pool)"]
