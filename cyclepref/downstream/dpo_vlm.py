@@ -223,7 +223,7 @@ def train_dpo_vlm(cfg: DpoVlm, root: Path, device: str, out_dir: Path, work_dir:
 def save_adapter(peft_model, out_dir: Path, base: CaptionerSpec, extra: dict) -> Path:
     """The peft adapter (adapter_config.json + adapter_model.safetensors) and the base model it belongs to."""
     with atomic_dir(Path(out_dir)) as tmp:
-        peft_model.save_pretrained(str(tmp))
+        peft_model.save_pretrained(str(tmp), selected_adapters=["default"])  # not trl's frozen "ref" copy
         meta = {"kind": "dpo_vlm", "base": base.model_dump(mode="json"), **extra}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
