@@ -620,6 +620,14 @@ class DpoVlm(Section):
         True, description="Also train an SFT-only adapter on the same chosen captions (evaluate_downstream reports it "
         "beside DPO, so 'DPO does not help' and 'nothing can be learned from these pairs' are told apart).")
     gradient_checkpointing: bool = False
+    init_adapter: str | None = Field(
+        None,
+        description="A peft LoRA adapter of this captioner (a dpo_vlm adapter folder, relative to the project root) "
+        "to continue training instead of a fresh LoRA: the retraining flow fills it with the captioner policy's "
+        "champion (retrain.policies). None, or a path that does not exist (no champion yet): the base model. The "
+        "reference is then the champion (trl copies the loaded adapter as a frozen 'ref' adapter: iterative DPO), "
+        "and the adapter's own LoRA settings replace `lora`.",
+    )
     seed: NonNegativeInt = 0
 
     @model_validator(mode="after")
@@ -653,6 +661,13 @@ class DiffusionDpo(Section):
         "score than the mean of the policy's own images of that prompt (the policy must be a T2I candidate model).")
     sft_baseline: bool = Field(
         True, description="Also train an SFT-only adapter (denoising loss on the preferred images), reported beside.")
+    init_adapter: str | None = Field(
+        None,
+        description="A diffusion_dpo adapter folder (diffusers LoRA weights, relative to the project root) to "
+        "continue training instead of a fresh LoRA: the retraining flow fills it with the text-to-image policy's "
+        "champion (retrain.policies). None, or a path that does not exist (no champion yet): the base model. The "
+        "reference stays the base UNet (the adapter disabled), and the adapter's own LoRA settings replace `lora`.",
+    )
     seed: NonNegativeInt = 0
 
     @model_validator(mode="after")
@@ -712,6 +727,17 @@ def _check_evaluators(section: BestOfN | EvaluateDownstream, name: str) -> None:
         raise ValueError(f"{name}.second_evaluator repeats the evaluator {section.evaluator!r}")
 
 
+POLICY_STAGES = {"dpo_vlm": "i2t", "diffusion_dpo": "t2i"}
+
+
+class Policy(Section):
+    """A policy the retraining flow trains, registers and promotes each round (flows/policy.py): the DPO stage that
+    trains it from its champion (the stage's `init_adapter` folder) and its MLflow registered model."""
+
+    stage: Literal["dpo_vlm", "diffusion_dpo"] = Field(description="dpo_vlm (captioner) or diffusion_dpo (t2i).")
+    registered_model: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+
+
 class Retrain(Section):
     """The retraining flow (flows/retrain.py): which reward model is registered, the frozen benchmark that compares the
     new version (alias `challenger`) with the current `champion` pair by pair, and what a challenger must win by: a
@@ -755,6 +781,29 @@ class Retrain(Section):
         description="DVC stage -> registered model name: the models logged by that stage's runs (e.g. dpo_vlm, "
         "diffusion_dpo LoRA adapters) are registered as new versions; no alias is moved.",
     )
+    policies: dict[str, Policy] = Field(
+        default_factory=dict,
+        description="name -> policy: each round registers the stage's adapter as a version of the policy's model, "
+        "scores it and its champion (the base model before the first promotion) on `policy_benchmark` and promotes "
+        "it with the same paired test as the reward model. Empty: no policy in the loop.",
+    )
+    policy_benchmark: str | None = Field(
+        None,
+        description="The frozen ground-truth benchmark of the policies (a sandbox pairs.jsonl, "
+        "cyclepref.downstream.policy_bench): every scene's image is captioned and its prompt rendered, each judged "
+        "by attribute F1 against the scene. Required when `policies` is not empty.",
+    )
+
+    @model_validator(mode="after")
+    def _policies(self) -> Retrain:
+        if self.policies and not self.policy_benchmark:
+            raise ValueError("retrain.policies needs retrain.policy_benchmark (the frozen ground-truth benchmark)")
+        stages = [p.stage for p in self.policies.values()]
+        names = [p.registered_model for p in self.policies.values()]
+        if len(set(stages)) < len(stages) or len(set(names)) < len(names) or self.registered_model in names:
+            raise ValueError("retrain.policies: one policy per stage, each with its own registered model (not the "
+                             "reward model's)")
+        return self
 
 
 class Params(Section):
@@ -788,6 +837,15 @@ class Params(Section):
         unknown = sorted({d for d in named if d is not None and d not in (self.datasets or {})})
         if unknown:
             raise ValueError(f"evaluate_reward.benchmarks name dataset(s) not in `datasets`: {', '.join(unknown)}")
+        return self
+
+    @model_validator(mode="after")
+    def _policy_stages(self) -> Params:
+        for name, policy in (self.retrain.policies if self.retrain else {}).items():
+            section = getattr(self, policy.stage)
+            if section is None or section.init_adapter is None:
+                raise ValueError(f"retrain.policies.{name}: stage {policy.stage} needs its section with "
+                                 "init_adapter (the folder the flow fills with the policy's champion)")
         return self
 
     @model_validator(mode="after")

@@ -278,11 +278,13 @@ def stage_outputs(dvc_file: str | Path, params: Params) -> dict[str, list[str]]:
 
 
 def ingest_targets_in_outputs(params: Params, dvc_file: str | Path) -> list[str]:
-    """One line for each folder the retraining ingest writes (prepare_inputs.pool, retrain.watch_dir) that is, lies
-    inside or holds a stage's output: a `dvc checkout` or `dvc repro` of that stage would delete what was ingested."""
+    """One line for each folder the retraining flow writes (prepare_inputs.pool, retrain.watch_dir, the policies'
+    champion folders <stage>.init_adapter) that is, lies inside or holds a stage's output: a `dvc checkout` or `dvc repro` of that stage would delete what was ingested."""
     targets = {"prepare_inputs.pool": params.prepare_inputs.pool if params.prepare_inputs else None}
     if params.retrain is not None and params.retrain.watch_dir:
         targets["retrain.watch_dir"] = params.retrain.watch_dir
+    for policy in (params.retrain.policies if params.retrain else {}).values():
+        targets[f"{policy.stage}.init_adapter"] = getattr(params, policy.stage).init_adapter
     found = []
     for key, target in targets.items():
         if not target:

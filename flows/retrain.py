@@ -1,7 +1,9 @@
 """The retraining flow, one round: champion -> ingest -> pipeline -> register -> compare -> promote -> record.
 
 0. Take the repository's round lock (flows.pool: a second trigger while a round runs fails at once) and read alias
-   `champion`: what the round compares against, whatever a person set in the UI.
+   `champion` of the reward model and of every policy (`retrain.policies`): what the round compares against and
+   what the policies train from, whatever a person set in the UI. flows.policy materialises each policy champion
+   into its stage's `init_adapter` folder (`dvc add`ed; none: the base model).
 1. Optionally move new raw inputs from params `retrain.watch_dir` into a new batch of the pool
    (`prepare_inputs.pool`, a folder no stage writes) as one journaled transaction (cyclepref.ingest), and `dvc add`
    the batch (flows.pool), so no checkout deletes it; prepare_inputs reads every batch beside its `path`.
@@ -19,10 +21,14 @@
 5. Only then move aliases: `challenger` -> the new version; on promotion `previous-champion` -> the old champion
    (for rollback) and `champion` -> the new version, unless a person moved `champion` during the round. Any failure
    before step 5 (a failed gate, a stage error, a kill) leaves aliases untouched.
+5b. The policies (flows.policy): register the adapters dpo_vlm / diffusion_dpo trained from their champions, score
+   each with its champion (the base model before the first promotion) on `retrain.policy_benchmark` (per-scene
+   ground-truth F1), the same `decide` and alias moves.
 6. Record, append-only: the decision and the round's data version (pool md5 in dvc.lock, dvc.lock digest, git
    commit) as parent-run tags, a per-round version tag `cyclepref.round.<run id>` (the version's unsuffixed
-   decision tags keep the first decision about it), a markdown artifact and a row of reports/retrain_rounds.{json,md}
-   with the round's time.
+   decision tags keep the first decision about it; policies: retrain.<policy>.* run tags), a markdown artifact with
+   the round's decision table (reward model and policies) and a row of reports/retrain_rounds.{json,md} with the
+   round's time.
 """
 
 from __future__ import annotations
@@ -161,6 +167,8 @@ class RetrainResult:
     ingested: dict[str, int] = field(default_factory=dict)
     adapters: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
+    metric: str = "accuracy"
+    policies: dict[str, RetrainResult] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- registry
@@ -447,6 +455,7 @@ def decision_tags(r: RetrainResult) -> dict[str, str]:
         "cyclepref.benchmark_pairs": str(r.pairs),
         "cyclepref.benchmark": r.benchmark,
         "cyclepref.benchmark_digest": r.benchmark_digest,
+        "cyclepref.metric": r.metric,
     }
 
 
@@ -529,10 +538,12 @@ def challenge(client, cfg, root: Path, challenger: str, champion: str | None, ro
 ROUND_TAG = "cyclepref.round."
 
 
-def record_decision(client, out: RetrainResult, run_id: str | None, extra: dict[str, str]) -> None:
+def record_decision(client, out: RetrainResult, run_id: str | None, extra: dict[str, str],
+                    prefix: str = "retrain.") -> None:
     """Append-only: the round's decision (and `extra`, e.g. its data version) as one tag `cyclepref.round.<round>`
-    on the challenger's version and as retrain.* tags on the round's run; the version's unsuffixed
-    `cyclepref.decision*` tags keep the first decision made about it."""
+    on the challenger's version and as `prefix`* tags on the round's run (retrain.* for the reward model,
+    retrain.<policy>.* for a policy); the version's unsuffixed `cyclepref.decision*` tags keep the first decision
+    made about it."""
     tags = {**decision_tags(out), **extra}
     name, version = out.registered_model, out.challenger_version
     present = client.get_model_version(name, version).tags
@@ -540,11 +551,11 @@ def record_decision(client, out: RetrainResult, run_id: str | None, extra: dict[
         if key not in present:
             client.set_model_version_tag(name, version, key, value)
         if run_id:
-            client.set_tag(run_id, f"retrain.{key.removeprefix('cyclepref.')}", value)
+            client.set_tag(run_id, f"{prefix}{key.removeprefix('cyclepref.')}", value)
     summary = {k.removeprefix("cyclepref."): v for k, v in tags.items() if k != "cyclepref.decision_reason"}
     client.set_model_version_tag(name, version, f"{ROUND_TAG}{out.pipeline_run_id}", json.dumps(summary))
     if run_id:
-        client.set_tag(run_id, "retrain.challenger_version", version)
+        client.set_tag(run_id, f"{prefix}challenger_version", version)
 
 
 ADAPTER_ARTIFACT = "adapter"
@@ -611,42 +622,76 @@ def promote_task(result: PipelineResult, root: str, champion: str | None) -> Ret
     return out
 
 
+@task(name="policies-register-and-promote", cache_policy=NO_CACHE, persist_result=False)
+def policies_task(result: PipelineResult, root: str, champions: dict, started: dict) -> dict[str, RetrainResult]:
+    """flows.policy steps 2-3: register, score and promote every policy of `retrain.policies`."""
+    from cyclepref.config import load_params
+    from flows.policy import promote_policies
+
+    path = Path(root)
+    return promote_policies(lineage.client(path), result, load_params(path / "params.yaml"), path, champions,
+                            started)
+
+
 ROUNDS_REPORT = "reports/retrain_rounds"
 
 
-def round_row(r: RetrainResult, trigger: str, started: str, seconds: float, data: dict[str, str]) -> dict:
+def decision_row(r: RetrainResult) -> dict:
     c = r.decision.comparison
+    return {
+        "challenger": r.challenger_version, "champion_before": r.champion_version,
+        "accuracy": r.challenger_accuracy, "champion_accuracy": r.champion_accuracy,
+        "gain": getattr(c, "gain", None), "low": getattr(c, "low", None), "high": getattr(c, "high", None),
+        "pairs": r.pairs, "promoted": r.decision.promote, "reason": r.decision.reason,
+    }
+
+
+def round_row(r: RetrainResult, trigger: str, started: str, seconds: float, data: dict[str, str]) -> dict:
+    """One round: the reward model's decision and every policy's (`metric` F1: per-scene ground truth)."""
     return {
         "round": r.pipeline_run_id, "started_utc": started, "seconds": round(seconds, 1), "trigger": trigger,
         "ingested": r.ingested, "pool_batches": data.get("cyclepref.data.pool_batches"),
         "pool_md5": data.get("cyclepref.data.pool_md5"),
-        "reward": {
-            "challenger": r.challenger_version, "champion_before": r.champion_version,
-            "accuracy": r.challenger_accuracy, "champion_accuracy": r.champion_accuracy,
-            "gain": getattr(c, "gain", None), "low": getattr(c, "low", None), "high": getattr(c, "high", None),
-            "pairs": r.pairs, "promoted": r.decision.promote, "reason": r.decision.reason,
-        },
+        "reward": decision_row(r),
+        "policies": {name: {"registered_model": p.registered_model, "metric": p.metric, **decision_row(p)}
+                     for name, p in r.policies.items()},
     }
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _pts(x) -> str:
+    return "n/a" if x is None else f"{100 * x:+.2f}"
+
+
+def policy_cell(row: dict) -> str:
+    """A round's policy decisions in one cell: name, challenger, metric vs champion (base), gain, promoted."""
+    parts = []
+    for name, p in (row.get("policies") or {}).items():
+        parts.append(
+            f"{name} v{p['challenger']} {p['metric']} {_pct(p['accuracy'])} vs "
+            f"{'v' + p['champion_before'] if p['champion_before'] else 'base'} {_pct(p['champion_accuracy'])}: "
+            f"{_pts(p['gain'])} [{_pts(p['low'])}, {_pts(p['high'])}] {'promoted' if p['promoted'] else 'kept'}"
+        )
+    return "; ".join(parts) or "none"
+
+
 def rounds_markdown(rows: list[dict]) -> str:
-    def pct(x) -> str:
-        return "n/a" if x is None else f"{100 * x:.2f}%"
-
-    def pts(x) -> str:
-        return "n/a" if x is None else f"{100 * x:+.2f}"
-
-    lines = ["# Retraining rounds", "", "Reward model on the frozen benchmark (gain in points, 95% paired-bootstrap "
-             "interval); one row per round, appended by the retraining flow.", "",
+    lines = ["# Retraining rounds", "", "Reward model (pairwise accuracy) and policies (per-scene ground-truth F1) on "
+             "their frozen benchmarks (gain in points, 95% paired-bootstrap interval); one row per round, appended "
+             "by the retraining flow.", "",
              "| started (UTC) | seconds | ingested images / texts / quarantined | pool batches | challenger | "
-             "accuracy | champion before | gain [interval] | promoted |", "|---|---|---|---|---|---|---|---|---|"]
+             "accuracy | champion before | gain [interval] | promoted | policies |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         w, i = row["reward"], row["ingested"] or {}
         lines.append(
             f"| {row['started_utc']} | {row['seconds']} | {i.get('images', 0)} / {i.get('texts', 0)} / "
-            f"{i.get('quarantined', 0)} | {row['pool_batches']} | {w['challenger']} | {pct(w['accuracy'])} | "
-            f"{w['champion_before'] or 'none'} ({pct(w['champion_accuracy'])}) | {pts(w['gain'])} "
-            f"[{pts(w['low'])}, {pts(w['high'])}] | {'yes' if w['promoted'] else 'no'} |"
+            f"{i.get('quarantined', 0)} | {row['pool_batches']} | {w['challenger']} | {_pct(w['accuracy'])} | "
+            f"{w['champion_before'] or 'none'} ({_pct(w['champion_accuracy'])}) | {_pts(w['gain'])} "
+            f"[{_pts(w['low'])}, {_pts(w['high'])}] | {'yes' if w['promoted'] else 'no'} | {policy_cell(row)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -690,10 +735,16 @@ def run_round(path: Path, ingest: bool, trigger: str, stage_timeout_s, stage_ret
     started, clock = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.perf_counter()
     params = load_params(path / "params.yaml")
     cfg = require(params.retrain, "retrain")
-    champion = alias_version(lineage.client(path), cfg.registered_model, CHAMPION)
-    get_run_logger().info("champion at the start of the round: %s", champion or "none")
+    from flows.policy import decision_table, materialise_champions, read_champions
+
+    client = lineage.client(path)
+    champion = alias_version(client, cfg.registered_model, CHAMPION)
+    policy_champions = read_champions(client, cfg)
+    get_run_logger().info("champions at the start of the round: reward model %s, policies %s", champion or "none",
+                          policy_champions or "none")
     pool = params.prepare_inputs.pool
     refuse_stage_outputs(path, params)
+    started_from = materialise_champions(client, path, params, policy_champions)
     ingested: dict[str, int] = {}
     if ingest and cfg.watch_dir:
         ingested = ingest_task(str(path), cfg.watch_dir, pool)
@@ -705,12 +756,13 @@ def run_round(path: Path, ingest: bool, trigger: str, stage_timeout_s, stage_ret
         retry_delay_s=retry_delay_s,
     )
     out = promote_task(result, str(path), champion)
+    out.policies = policies_task(result, str(path), policy_champions, started_from)
     out.ingested = ingested
     out.seconds = seconds = time.perf_counter() - clock
-    client = lineage.client(path)
     client.set_tag(result.parent_run_id, "retrain.seconds", f"{seconds:.1f}")
     append_round(path, round_row(out, trigger, started, seconds, data_version(path, pool)))
-    text = decision_markdown(out) + f"\nRound time: {seconds:.1f} s.\n"
+    text = (decision_markdown(out) + "\n## The round's decisions\n\n" + decision_table(out, out.policies)
+            + f"\nRound time: {seconds:.1f} s.\n")
     create_markdown_artifact(text, key="retrain-decision", description="Champion / challenger decision")
     client.log_text(result.parent_run_id, text, "retrain_decision.md")
     return out

@@ -22,9 +22,13 @@ the DPO models trained on the pairs it was distilled from. Every mean is reporte
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 OUT_DIR = "data/downstream"
 REPORT_DIR = "reports/downstream"
 META_FILE = "downstream.json"
+CHAMPION_FILE = "champion.json"  # beside a champion adapter the retraining flow materialised: which version it is
 
 
 def stage_dir(stage: str) -> str:
@@ -48,3 +52,15 @@ def report_path(name: str) -> str:
 def plot_path(task: str) -> str:
     """Best-of-N curve of one task (CSV: n, one column per verifier, then <verifier>_low, <verifier>_high)."""
     return f"{REPORT_DIR}/best_of_n_{task}.csv"
+
+
+def started_from(init: Path | None) -> str:
+    """What a DPO stage trained from: "base", or the champion version named in the init adapter's champion.json
+    (written by the retraining flow), or else the adapter's path."""
+    if init is None or not Path(init).exists():
+        return "base"
+    champion = Path(init) / CHAMPION_FILE
+    if not champion.exists():
+        return str(init)
+    meta = json.loads(champion.read_text())
+    return f"{meta['registered_model']} version {meta['version']}"

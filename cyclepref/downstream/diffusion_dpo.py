@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cyclepref.config import DiffusionDpo, LoraSpec, T2ISpec
-from cyclepref.downstream import META_FILE
+from cyclepref.downstream import META_FILE, started_from
 from cyclepref.models import local_spec
 from cyclepref.store import atomic_dir, canonical_safetensors
 from cyclepref.downstream.losses import diffusion_dpo_loss
@@ -27,9 +27,8 @@ from cyclepref.downstream.losses import diffusion_dpo_loss
 class DiffusionDpoModel:
     """A pipeline's components for Diffusion-DPO: frozen VAE and text encoder, the UNet with a trainable LoRA."""
 
-    def __init__(self, pipe, lora: LoraSpec, resolution: int, device: str = "cpu"):
+    def __init__(self, pipe, lora: LoraSpec, resolution: int, device: str = "cpu", init: Path | None = None):
         from diffusers import DDPMScheduler
-        from peft import LoraConfig
 
         if not hasattr(pipe, "unet"):
             raise ValueError(f"{type(pipe).__name__} has no UNet; Diffusion-DPO here supports the 'sd' family")
@@ -38,11 +37,30 @@ class DiffusionDpoModel:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False)
-        self.unet.add_adapter(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                         target_modules=lora.target_modules, init_lora_weights="gaussian"))
+        self.started_from = self.add_lora(lora, init)
         for p in self.trainable():
             p.data = p.data.float()
         self.weight_dtype = self.vae.dtype
+
+    def add_lora(self, lora: LoraSpec, init: Path | None) -> str:
+        """A fresh LoRA on the UNet, or the adapter `init` (a diffusion_dpo adapter folder, e.g. the policy's
+        champion) made trainable when it exists; the adapter is named "default" either way. Returns where it
+        started."""
+        from peft import LoraConfig
+
+        from cyclepref.models import load_failed
+
+        if init is None or not Path(init).exists():
+            self.unet.add_adapter(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=lora.target_modules, init_lora_weights="gaussian"))
+            return started_from(None)
+        try:
+            self.pipe.load_lora_weights(str(init), adapter_name="default")
+        except Exception as err:
+            raise load_failed(str(init), err) from err
+        for name, p in self.unet.named_parameters():
+            p.requires_grad_("lora_" in name)
+        return started_from(init)
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
@@ -165,18 +183,22 @@ def train_steps(model: DiffusionDpoModel, examples: Sequence, cfg: DiffusionDpo,
 
 def train_one(cfg: DiffusionDpo, root: Path, device: str, train, valid, out_dir: Path,
               log_metrics: Callable[[dict, int], None] | None = None, sft_only: bool = False) -> dict:
-    """Train one adapter from the base model, validate before and after on the valid pairs, save it to out_dir."""
+    """Train one adapter from the base model (or from the adapter cfg.init_adapter, when it exists), validate before
+    and after on the valid pairs, save it to out_dir."""
     from cyclepref.models.t2i import TextToImage
 
     torch.manual_seed(cfg.seed)
     t2i = TextToImage(local_spec(root, cfg.model), device)
-    model = DiffusionDpoModel(t2i.pipe, cfg.lora, cfg.resolution or cfg.model.height, device)
+    init = root / cfg.init_adapter if cfg.init_adapter else None
+    model = DiffusionDpoModel(t2i.pipe, cfg.lora, cfg.resolution or cfg.model.height, device, init)
     before = evaluate(model, valid, cfg.beta, cfg.batch_size, cfg.seed)
     history = train_steps(model, train, cfg, log_metrics, sft_only)
     after = evaluate(model, valid, cfg.beta, cfg.batch_size, cfg.seed)
     objective = weights(cfg, sft_only)
-    save_adapter(model.unet, out_dir, cfg.model, {"beta": cfg.beta, "lr": cfg.lr, "steps": len(history), **objective})
+    save_adapter(model.unet, out_dir, cfg.model, {"beta": cfg.beta, "lr": cfg.lr, "steps": len(history), **objective,
+                                                  "started_from": model.started_from})
     return {
+        "started_from": model.started_from,
         **objective,
         "steps": len(history),
         "train_loss_first": history[0]["loss"],

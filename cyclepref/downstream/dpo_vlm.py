@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cyclepref.config import CaptionerSpec, DpoVlm, LoraSpec
-from cyclepref.downstream import META_FILE
+from cyclepref.downstream import META_FILE, started_from
 from cyclepref.models import local_spec
 from cyclepref.store import atomic_dir
 
@@ -136,11 +136,34 @@ def make_trainer(captioner, train, valid, cfg: DpoVlm, device: str, output_dir: 
         train_dataset=train,
         eval_dataset=valid,
         processing_class=captioner.processor,
-        peft_config=lora_config(cfg.lora),
+        peft_config=None if is_peft(captioner.model) else lora_config(cfg.lora),
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def start_from(captioner, init: Path | None):
+    """Continue training the adapter `init` (loaded trainable; trl copies it as the frozen reference adapter 'ref')
+    when it exists; else leave the base model, to which the trainer adds a fresh LoRA (reference: the adapter
+    disabled). Returns what it started from."""
+    from peft import PeftModel
+
+    from cyclepref.models import load_failed
+
+    if init is None or not Path(init).exists():
+        return started_from(None)
+    try:
+        captioner.model = PeftModel.from_pretrained(captioner.model, str(init), is_trainable=True)
+    except Exception as err:
+        raise load_failed(str(init), err) from err
+    return started_from(init)
 
 
 EVAL_KEYS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen",
@@ -154,11 +177,13 @@ def _eval(trainer) -> dict[str, float]:
 
 def train_one(cfg: DpoVlm, root: Path, device: str, train, valid, out_dir: Path, work_dir: Path,
               log_metrics: Callable[[dict, int], None] | None = None, sft_only: bool = False) -> dict:
-    """Train one adapter from the base captioner, validate before and after on the valid pairs, save it to out_dir."""
+    """Train one adapter from the base captioner (or from the adapter cfg.init_adapter, when it exists), validate
+    before and after on the valid pairs, save it to out_dir."""
     from cyclepref.models.captioner import Captioner
 
     torch.manual_seed(cfg.seed)
     captioner = Captioner(local_spec(root, cfg.captioner), device)
+    started = start_from(captioner, root / cfg.init_adapter if cfg.init_adapter else None)
     check_max_length(captioner.processor, preference_row(train[0], captioner.prompt), cfg.max_length)
     trainer = make_trainer(captioner, preference_dataset(train, captioner.prompt),
                            preference_dataset(valid, captioner.prompt) if len(valid) else None, cfg, device,
@@ -169,8 +194,9 @@ def train_one(cfg: DpoVlm, root: Path, device: str, train, valid, out_dir: Path,
     loss_type, loss_weights = objective(cfg, sft_only)
     save_adapter(trainer.model, out_dir, cfg.captioner,
                  {"beta": cfg.beta, "lr": cfg.lr, "steps": result.global_step, "loss_type": loss_type,
-                  "loss_weights": loss_weights})
+                  "loss_weights": loss_weights, "started_from": started})
     return {
+        "started_from": started,
         "loss_type": loss_type,
         "loss_weights": loss_weights,
         "steps": int(result.global_step),
@@ -197,7 +223,7 @@ def train_dpo_vlm(cfg: DpoVlm, root: Path, device: str, out_dir: Path, work_dir:
 def save_adapter(peft_model, out_dir: Path, base: CaptionerSpec, extra: dict) -> Path:
     """The peft adapter (adapter_config.json + adapter_model.safetensors) and the base model it belongs to."""
     with atomic_dir(Path(out_dir)) as tmp:
-        peft_model.save_pretrained(str(tmp))
+        peft_model.save_pretrained(str(tmp), selected_adapters=["default"])  # not trl's frozen "ref" copy
         meta = {"kind": "dpo_vlm", "base": base.model_dump(mode="json"), **extra}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
