@@ -248,7 +248,11 @@ def children(mlflow_client, parent_run_id: str) -> list:
 
 
 def run_url(ui_url: str, experiment: str, run_id: str) -> str:
-    return f"{ui_url}/#/experiments/{experiment}/runs/{run_id}"
+    """The run's page in the MLflow UI's model-training view (without the workflow type MLflow 3 shows a stage run
+    as one of its GenAI "Evaluations")."""
+    from cyclepref.ui import ML_VIEW
+
+    return f"{ui_url}/#/experiments/{experiment}/runs/{run_id}{ML_VIEW}"
 
 
 VERSION_LINEAGE = (

@@ -83,9 +83,9 @@ def test_mlflow_ui_opens_the_runs_of_the_project_and_stops_every_process(tmp_pat
         assert not {"Judges", "Sessions", "Evaluation runs"} & set(re.findall(r">([^<>]+)<", runs))
         genai = render(f"{server.url}/#/experiments/{exp}/runs")
         assert "Judges" in genai, "without the workflow type MLflow opens its GenAI view"
-        run = render(f"{server.url}/#/experiments/{exp}/runs/{ids['child']}?workflowType=machine_learning",
-                     shots / "mlflow-stage-run.png")
+        run = render(lineage.run_url(server.url, exp, ids["child"]), shots / "mlflow-stage-run.png")
         assert "train_reward" in run and "accuracy" in run and "Parent run" in run
+        assert not {"Judges", "Evaluations", "Evaluation runs"} & set(re.findall(r">([^<>]+)<", run))
         listed = json.loads(urlopen(f"{server.url}/ajax-api/2.0/mlflow/artifacts/list?run_id={ids['child']}").read())
         assert [f["path"] for f in listed["files"]] == ["summary.txt"]
         got = urlopen(f"{server.url}/get-artifact?path=summary.txt&run_uuid={ids['child']}").read()
