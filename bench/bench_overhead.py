@@ -246,7 +246,7 @@ def run(repeats: int = 3, echo=print) -> dict:
         "stages": n,
         "overhead_s": round(n * per_stage, 1),
         "how": "toy per-stage overhead (cyclepref repro wall - stages' own seconds) x the default dvc.yaml's stage "
-               "count; compare with the README's committed `make run` of about 11 minutes on 240 scenes",
+               "count; compare with the README's measured `make run` (its timings paragraph)",
     }
     return report
 
