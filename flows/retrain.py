@@ -17,7 +17,8 @@
    paired-bootstrap interval (level `retrain.confidence`, `retrain.bootstrap_samples` resamples of the pairs) of the
    challenger's accuracy gain over the champion is above 0 and the mean gain is more than `retrain.margin`, so a win
    inside the noise keeps the champion. Without a champion the challenger must clear the floor: the same interval
-   above 0 against random (0.5 a pair) and against the reward backbone's zero-shot outcomes (`zero_shot_floor`).
+   above 0 against random (0.5 a pair) and against the reward backbone's zero-shot ITC and ITM outcomes
+   (`zero_shot_floor`).
 5. Only then move aliases: `challenger` -> the new version; on promotion `previous-champion` -> the old champion
    (for rollback) and `champion` -> the new version, unless a person moved `champion` during the round. Any failure
    before step 5 (a failed gate, a stage error, a kill) leaves aliases untouched.
@@ -460,23 +461,23 @@ def decision_tags(r: RetrainResult) -> dict[str, str]:
 
 
 def zero_shot_floor(root: Path, bench: Path, tasks: tuple[str, ...], batch_size: int) -> dict[str, np.ndarray]:
-    """The reward backbone's zero-shot per-pair outcomes on the benchmark: the model train_reward starts from (the
-    params' backbone with its seeded, untrained head), scored like a registered version."""
+    """The reward backbone's zero-shot per-pair outcomes on the benchmark: the BLIP checkpoint train_reward starts
+    from (params `train_reward.model.path`), scoring each pair by its contrastive cosine (ITC) and by its image-text
+    matching head (ITM), as evaluate_reward's backbone baselines do. A reward model that does not beat both has
+    learned nothing its backbone did not know."""
+    from cyclepref import runtime
     from cyclepref.config import load_params
     from cyclepref.reward.benchmarks import load_benchmark
-    from cyclepref.reward.evaluate import RewardScorer, pairset_outcomes
-    from cyclepref.reward.model import RewardModel
-    from cyclepref.reward.train import regularisation
+    from cyclepref.reward.evaluate import BackboneScorer, pairset_outcomes
 
-    cfg = load_params(root / "params.yaml").train_reward
-    mc = cfg.model
-    model = RewardModel.from_backbone(
-        mc.path, revision=mc.revision, head_widths=mc.head_widths, fix_rate=mc.fix_rate, max_length=mc.max_length,
-        image_size=mc.image_size, regularisation=regularisation(mc), seed=cfg.seed,
-    ).eval()
-    scorer = RewardScorer("backbone", model)
-    parts = [pairset_outcomes(s, scorer, batch_size) for t, s in load_benchmark(bench).items() if t in tasks]
-    return {"backbone zero-shot": np.concatenate(parts)}
+    path = load_params(root / "params.yaml").train_reward.model.path
+    backbone = str(root / path) if (root / path).exists() else path
+    pairsets = [s for t, s in load_benchmark(bench).items() if t in tasks]
+    floors = {}
+    for head in ("itc", "itm"):
+        scorer = BackboneScorer(f"backbone zero-shot {head.upper()}", backbone, head, runtime.device())
+        floors[scorer.name] = np.concatenate([pairset_outcomes(s, scorer, batch_size) for s in pairsets])
+    return floors
 
 
 UNREAD = "unread"

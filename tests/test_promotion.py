@@ -311,7 +311,7 @@ def test_registered_pyfunc_is_scored_on_the_benchmark(mlflow_uri, tmp_path):
 
     from cyclepref.models import zoo
     from cyclepref.reward.benchmarks import load_benchmark
-    from cyclepref.reward.evaluate import RewardScorer, evaluate_pairset, pair_outcomes
+    from cyclepref.reward.evaluate import BackboneScorer, RewardScorer, evaluate_pairset, pair_outcomes
     from cyclepref.reward.model import RewardModel
     from cyclepref.reward.pyfunc import log_reward_model
     from flows.retrain import benchmark_outcomes
@@ -346,10 +346,13 @@ def test_registered_pyfunc_is_scored_on_the_benchmark(mlflow_uri, tmp_path):
     params = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
     params["train_reward"]["model"] |= {"path": str(backbone), "max_length": 16}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    [(name, zero_shot)] = zero_shot_floor(tmp_path, bench, ("i2t", "t2i"), 4).items()
-    fresh = RewardScorer("z", RewardModel.from_backbone(str(backbone), seed=0, max_length=16).eval())
-    expected = [pair_outcomes(*fresh.score([s.example(i) for i in range(len(s))])) for s in by_task.values()]
-    assert name == "backbone zero-shot" and zero_shot.tolist() == np.concatenate(expected).tolist()
+    floors = zero_shot_floor(tmp_path, bench, ("i2t", "t2i"), 4)
+    assert list(floors) == ["backbone zero-shot ITC", "backbone zero-shot ITM"]
+    for head, zero_shot in zip(("itc", "itm"), floors.values()):
+        scorer = BackboneScorer(head, str(backbone), head)
+        expected = [pair_outcomes(*scorer.score([s.example(i) for i in range(len(s))])) for s in by_task.values()]
+        assert zero_shot.tolist() == np.concatenate(expected).tolist()
+    assert floors["backbone zero-shot ITC"].tolist() != floors["backbone zero-shot ITM"].tolist()
 
 
 def test_dpo_adapters_are_registered_once_per_producing_run(registry, tmp_path):
