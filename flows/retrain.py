@@ -463,7 +463,7 @@ def zero_shot_floor(root: Path, bench: Path, tasks: tuple[str, ...], batch_size:
     mc = cfg.model
     model = RewardModel.from_backbone(
         mc.path, revision=mc.revision, head_widths=mc.head_widths, fix_rate=mc.fix_rate, max_length=mc.max_length,
-        image_size=mc.image_size, regularisation=regularisation(mc), seed=cfg.seed,
+        image_size=mc.image_size, regularisation=regularisation(mc), seed=cfg.seed, head_init=mc.head_init,
     ).eval()
     scorer = RewardScorer("backbone", model)
     parts = [pairset_outcomes(s, scorer, batch_size) for t, s in load_benchmark(bench).items() if t in tasks]
