@@ -366,6 +366,12 @@ class RewardBackbone(Section):
         description="Hidden widths of the MLP head. None: the paper's 1024, 128, 64, 16 scaled by the backbone's "
         "text hidden size / 768 (at least 8 each), i.e. exactly the paper's head on a 768-wide text encoder.",
     )
+    head_init: Literal["random", "itm"] = Field(
+        "random",
+        description="random: the paper's seeded Xavier-uniform head. itm: the head starts as the backbone's "
+        "image-text matching score (match minus no-match logit on the same [CLS] embedding, exactly), so training "
+        "starts at the backbone's zero-shot accuracy instead of chance (a deviation; every hidden width >= 2).",
+    )
     fix_rate: float = Field(0.7, ge=0.0, le=1.0, description="Share of text layers and ViT blocks frozen (paper 0.7).")
     max_length: int = Field(128, gt=0, description="Text tokens (paper: 128).")
     image_size: int | None = Field(
@@ -394,6 +400,15 @@ class RewardBackbone(Section):
         description="Stochastic depth of the ViT blocks, rising linearly from 0 (first block) to this (last block) "
         "(BLIP's ViT-L, as the authors trained: 0.1). Training only.",
     )
+
+    @model_validator(mode="after")
+    def _itm_head_widths(self) -> RewardBackbone:
+        if self.head_init == "itm" and self.head_widths is not None and min(self.head_widths) < 2:
+            raise ValueError(
+                f"head_init 'itm' carries the ITM score through a +z / -z unit pair per hidden layer: every "
+                f"head width must be >= 2, got {self.head_widths}"
+            )
+        return self
 
 
 class RewardData(Section):

@@ -65,6 +65,19 @@ def test_missing_section_and_bad_literal_are_reported():
     assert "score_i2t.metric.kind" in msg and "'ssim'" in msg
 
 
+def test_reward_head_init_is_validated():
+    data = _default()
+    assert parse_params(data, "d.yaml").train_reward.model.head_init == "random"
+    data["train_reward"]["model"]["head_init"] = "itm"
+    assert parse_params(data, "d.yaml").train_reward.model.head_init == "itm"
+    data["train_reward"]["model"]["head_widths"] = [16, 1]
+    with pytest.raises(ParamsError, match="train_reward.model.*every head width must be >= 2"):
+        parse_params(data, "d.yaml")
+    data["train_reward"]["model"]["head_init"] = "zeros"
+    with pytest.raises(ParamsError, match="train_reward.model.head_init"):
+        parse_params(data, "d.yaml")
+
+
 def test_duplicate_model_names_and_seeds_rejected():
     data = _default()
     data["generate_i2t"]["captioners"].append(dict(data["generate_i2t"]["captioners"][0]))

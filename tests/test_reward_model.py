@@ -16,6 +16,7 @@ from cyclepref.reward.model import (
     OPENAI_CLIP_STD,
     PAPER_HEAD,
     Regularisation,
+    RewardHead,
     RewardModel,
     head_widths_for,
 )
@@ -119,6 +120,36 @@ def test_differentiable_path_gives_gradients_and_matches_score(model):
     big = torch.nn.functional.interpolate(pixels.detach(), size=(64, 64)).requires_grad_(True)
     model.reward(big, ["a green square"]).sum().backward()
     assert big.grad.abs().sum() > 0
+
+
+def test_itm_head_init_scores_exactly_the_backbones_itm_logit_difference(backbone):
+    from transformers import BlipForImageTextRetrieval
+
+    images = [Image.new("RGB", (32, 32), c) for c in ((200, 30, 30), (30, 30, 200), (30, 200, 30))]
+    texts = ["a red square", "a blue square on the left", "green"]
+    m = RewardModel.from_backbone(backbone, max_length=32, seed=0, head_init="itm")
+    blip = BlipForImageTextRetrieval.from_pretrained(backbone, dtype=torch.float32).eval()
+    tok = m.tokenize(texts)
+    with torch.no_grad():
+        logits = blip(pixel_values=m.pixels(images), **tok, use_itm_head=True).itm_score
+    itm = logits[:, 1] - logits[:, 0]
+    assert itm.abs().max() > 1e-3  # a real signal, not a zero head
+    torch.testing.assert_close(m.score(images, texts), itm, atol=1e-5, rtol=1e-5)
+    # the paper's widths (1024 -> 128 -> 64 -> 16) carry it too, and the whole head stays trainable
+    head = RewardHead(768, PAPER_HEAD)
+    itm_head = torch.nn.Linear(768, 2)
+    head.match_itm(itm_head)
+    x = torch.randn(6, 768) * 3
+    torch.testing.assert_close(head(x), (itm_head(x)[:, 1] - itm_head(x)[:, 0]).detach(), atol=1e-5, rtol=1e-5)
+    torch.nn.functional.logsigmoid(head(x)[:3] - head(x)[3:]).mean().backward()
+    assert all(m.weight.grad.abs().sum() > 0 for m in head.layers if isinstance(m, torch.nn.Linear))
+    # random stays the default: the seeded Xavier head
+    plain = RewardModel.from_backbone(backbone, max_length=32, seed=0)
+    assert not torch.allclose(plain.score(images, texts), itm)
+    with pytest.raises(ValueError, match="every hidden width >= 2"):
+        RewardModel.from_backbone(backbone, head_widths=[8, 1], head_init="itm")
+    with pytest.raises(ValueError, match="head_init must be one of"):
+        RewardModel.from_backbone(backbone, head_init="zeros")
 
 
 def test_save_and_load_round_trip(model, tmp_path):

@@ -147,6 +147,24 @@ def test_early_stopping_keeps_the_best_and_stops(backbone, tmp_path):
     assert meta["step"] == 2
 
 
+def test_head_init_itm_reaches_training_and_the_fingerprint(backbone, tmp_path):
+    from transformers import BlipForImageTextRetrieval
+
+    from cyclepref.reward.train import fingerprint, fingerprint_body
+
+    source = SyntheticPairSource({"train": 16, "valid": 4, "test": 4})
+    plain = config(backbone, "i2t", lr={"i2t": 1e-12}, batch_size=8, epochs=1)
+    itm = config(backbone, "i2t", model={"path": backbone, "max_length": 16, "head_init": "itm"},
+                 lr={"i2t": 1e-12}, batch_size=8, epochs=1)
+    assert "head_init" not in fingerprint_body("i2t", plain)["model"]  # the old fingerprints stay valid
+    assert fingerprint_body("i2t", itm)["model"]["head_init"] == "itm"
+    assert fingerprint("i2t", plain, "d", 1) != fingerprint("i2t", itm, "d", 1)
+    result = train_variant("i2t", itm, source, tmp_path / "out", tmp_path / "work", resume=None)
+    first = result.model.head.layers[0]
+    head = BlipForImageTextRetrieval.from_pretrained(backbone, dtype=torch.float32).itm_head
+    torch.testing.assert_close(first.weight[0].detach(), (head.weight[1] - head.weight[0]).detach())
+
+
 def test_missing_validation_pairs_fail_with_the_fix(backbone, tmp_path):
     class NoValid(SyntheticPairSource):
         def pairs(self, task, split):

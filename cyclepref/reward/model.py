@@ -4,7 +4,9 @@ The text encoder reads the caption while cross-attending to the ViT's image toke
 an MLP (paper: 768 -> 1024 -> 128 -> 64 -> 16 -> 1, GELU between layers, Xavier-uniform weights, zero biases) to one
 unbounded scalar, higher = better aligned. The first `fix_rate` of the text layers and ViT blocks, both embeddings
 and the projection layers are frozen, and so is the head's output bias: it cancels in r_chosen - r_rejected, so a
-pairwise loss gives it zero gradient.
+pairwise loss gives it zero gradient. `head_init: itm` (a deviation from the paper's random head) sets the head so
+that the untrained model scores exactly the backbone's ITM logit difference on the same [CLS] embedding
+(`RewardHead.match_itm`).
 
 Images are preprocessed as the authors trained (CycleReward dataset.py `_transform`): bicubic resize of the shorter
 side to the input size, centre crop, scale to [0, 1], normalise with the OpenAI CLIP mean / std
@@ -35,6 +37,7 @@ from cyclepref.models import ModelLoadError, load_failed, locate
 from cyclepref.store import atomic_dir
 
 PAPER_HEAD = (1024, 128, 64, 16)
+HEAD_INITS = ("random", "itm")
 PAPER_TEXT_WIDTH = 768
 CONFIG_FILE = "reward_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -83,6 +86,41 @@ class RewardHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x).squeeze(-1)
+
+    @torch.no_grad()
+    def match_itm(self, itm_head: nn.Linear) -> None:
+        """Set the weights so that the head's output equals the BLIP ITM head's logit[1] - logit[0] ("match"
+        minus "no match") on the same [CLS] embedding, exactly. GELU(z) - GELU(-z) = z for every z (x Phi(x) with
+        Phi(-x) = 1 - Phi(x); the tanh form is odd the same way), so units 0 and 1 of each hidden layer carry +z and
+        -z and the next layer reads z = unit 0 - unit 1. The other hidden units keep their Xavier-initialised
+        inputs, and no unit reads them or feeds the pair (zero weights) until training moves those weights, so
+        the head starts at the backbone's zero-shot ITM score with all its width trainable."""
+        linears = [m for m in self.layers if isinstance(m, nn.Linear)]
+        if itm_head.out_features != 2 or itm_head.in_features != linears[0].in_features:
+            raise ValueError(
+                f"ITM head {itm_head.in_features} -> {itm_head.out_features} does not fit a reward head reading "
+                f"{linears[0].in_features} features (expected {linears[0].in_features} -> 2)"
+            )
+        narrow = [m.out_features for m in linears[:-1] if m.out_features < 2]
+        if narrow:
+            raise ValueError(f"head_init 'itm' needs every hidden width >= 2 (a +z / -z unit pair), got {narrow}")
+        w = itm_head.weight[1] - itm_head.weight[0]
+        b = itm_head.bias[1] - itm_head.bias[0]
+        first, rest = linears[0], linears[1:]
+        first.weight[0].copy_(w)
+        first.weight[1].copy_(-w)
+        first.bias[0].copy_(b)
+        first.bias[1].copy_(-b)
+        for layer in rest:
+            layer.weight[:, :2] = 0.0
+            layer.weight[:2, :] = 0.0
+            layer.bias[:2] = 0.0
+            layer.weight[0, 0], layer.weight[0, 1] = 1.0, -1.0
+            if layer.out_features > 1:
+                layer.weight[1, 0], layer.weight[1, 1] = -1.0, 1.0
+        linears[-1].weight.zero_()
+        linears[-1].weight[0, 0], linears[-1].weight[0, 1] = 1.0, -1.0
+        linears[-1].bias.zero_()
 
 
 def frozen_parameter(name: str, n_text_frozen: int, n_vision_frozen: int, fix_rate: float) -> bool:
@@ -253,12 +291,17 @@ class RewardModel(nn.Module):
         image_size: int | None = None,
         regularisation: Regularisation | None = None,
         seed: int = 0,
+        head_init: str = "random",
     ) -> RewardModel:
         """A new reward model on a BLIP ITM checkpoint (hub id or local directory); the head is seeded.
         `image_size`: input resolution (None = the checkpoint's; see resize_image_input); images are read with
-        `reward_image_processor` at that size (the tokenizer is the checkpoint's)."""
+        `reward_image_processor` at that size (the tokenizer is the checkpoint's).
+        `head_init`: "random" (the paper's Xavier-uniform head) or "itm" (RewardHead.match_itm: the untrained
+        model scores exactly the checkpoint's ITM logit difference, so training starts at its zero-shot score)."""
         from transformers import AutoProcessor, BlipConfig, BlipForImageTextRetrieval
 
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
         reg = regularisation or Regularisation()
         where = locate(path)
         try:
@@ -275,8 +318,11 @@ class RewardModel(nn.Module):
         processor.image_processor = reward_image_processor(backbone.config.vision_config.image_size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return cls(backbone.config, head_widths, fix_rate, max_length, processor, backbone=backbone,
-                       drop_path_rate=reg.drop_path_rate)
+            model = cls(backbone.config, head_widths, fix_rate, max_length, processor, backbone=backbone,
+                        drop_path_rate=reg.drop_path_rate)
+        if head_init == "itm":
+            model.head.match_itm(backbone.itm_head)
+        return model
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> RewardModel:

@@ -167,6 +167,9 @@ def fingerprint_body(variant: str, cfg) -> dict:
     from cyclepref.models import fingerprint as model_fingerprint
 
     body = cfg.model_dump(mode="json")
+    if body["model"].get("head_init") == "random":
+        # the setting came later; at its old behaviour it leaves fingerprints and saved metadata as they were
+        del body["model"]["head_init"]
     body["backbone_weights"] = model_fingerprint(cfg.model.path, cfg.model.revision)
     body["variants"] = [variant]
     body["lr"] = {variant: cfg.lr[variant]}
@@ -322,7 +325,7 @@ def train_variant(
     mc = cfg.model
     model = RewardModel.from_backbone(
         mc.path, revision=mc.revision, head_widths=mc.head_widths, fix_rate=mc.fix_rate, max_length=mc.max_length,
-        image_size=mc.image_size, regularisation=regularisation(mc), seed=cfg.seed,
+        image_size=mc.image_size, regularisation=regularisation(mc), seed=cfg.seed, head_init=mc.head_init,
     )
     collate = PairCollator(model.processor, model.max_length)
     torch.manual_seed(_derived_seed(cfg.seed, "train", rank))
