@@ -34,7 +34,7 @@ def run(params: Params, root: Path) -> dict:
     verifiers = Verifiers(VerifierSettings.from_params(params, cfg, root, device))
     out = root / stage_dir("best_of_n")
     tracked = mlflow.active_run() is not None
-    truth = ground_truth(root, cfg.truth) if cfg.evaluator == GROUND_TRUTH else None
+    truth = ground_truth(root, cfg.truth, params.prepare_inputs.pool) if cfg.evaluator == GROUND_TRUTH else None
     report: dict = {"evaluator": cfg.evaluator, "second_evaluator": cfg.second_evaluator,
                     "interval": interval_method(cfg), "tasks": {}}
     if cfg.evaluator in cfg.verifiers:

@@ -31,7 +31,7 @@ def run(params: Params, root: Path) -> dict:
     cfg = require(params.evaluate_downstream, "evaluate_downstream")
     device = runtime.device()
     verifiers = Verifiers(VerifierSettings.from_params(params, cfg, root, device))
-    truth = ground_truth(root, cfg.truth) if cfg.evaluator == GROUND_TRUTH else None
+    truth = ground_truth(root, cfg.truth, params.prepare_inputs.pool) if cfg.evaluator == GROUND_TRUTH else None
     report: dict = {"evaluator": cfg.evaluator, "second_evaluator": cfg.second_evaluator,
                     "interval": interval_method(cfg), "tasks": {}}
     if "reward" in (cfg.evaluator, cfg.second_evaluator):

@@ -76,7 +76,7 @@ def label_tables(root: Path) -> tuple[dict, dict, dict]:
 def build(params: Params, root: Path) -> tuple[dict, dict, dict]:
     """The report, the inputs' truth and every candidate's ground-truth F1."""
     world = require(params.world, "world")
-    truth = load_truth(root / world.inputs_dir, root / tables.PATHS["inputs"])
+    truth = load_truth(root / world.inputs_dir, root / tables.PATHS["inputs"], root / params.prepare_inputs.pool)
     cands = candidate_tables(root)
     f1 = {task: rp.candidate_f1(task, c, truth) for task, c in cands.items()}
     pairs = rp.read_table(root / tables.PATHS["pairs"], ["task", "preferred_id", "rejected_id", "margin"])

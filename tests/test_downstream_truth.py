@@ -17,7 +17,7 @@ from cyclepref.downstream.best_of_n import Candidates, best_of_n, candidate_keys
 from cyclepref.downstream.evaluate import Outcomes, judge
 from cyclepref.downstream.evaluators import GroundTruth, ModelEvaluator, ground_truth
 from cyclepref.world.parse import as_parsed, f1, parse_caption, parse_image
-from cyclepref.world.scene import COLOURS, SHAPES, WorldObject, caption, render
+from cyclepref.world.scene import COLOURS, SHAPES, WorldObject, caption, render, scene_from_record
 from fixtures.downstream import WORLD, make_world_root, write_downstream_params, write_world_inputs
 from fixtures.pipeline_tables import pass_gates
 
@@ -180,6 +180,41 @@ def test_truth_of_prepared_sandbox_inputs(tmp_path):
         ids = [row["input_id"]]
         assert judge_i2t.score(ids, [None], [row["prompt"]]).tolist() == [1.0]
         assert judge_t2i.score(ids, [decode_image(row["image"])], ["-"]).tolist() == [1.0]
+
+
+def test_arrivals_carry_their_truth_through_the_pool_into_ground_truth(tmp_path):
+    """A retraining round's arrivals (rendered, ingested into the pool, prepared beside the world's inputs) have
+    ground truth: the evaluators of best_of_n and evaluate_downstream judge them (before, they stopped the round
+    with "evaluated inputs have no true scene")."""
+    from cyclepref import store
+    from cyclepref.config import PrepareInputs
+    from cyclepref.ingest import ingest_inputs
+    from cyclepref.inputs import INPUTS_SCHEMA, inputs_table, iter_source, prepare
+    from cyclepref.tables import PATHS
+    from cyclepref.world.arrivals import render_arrivals
+    from cyclepref.world.data import scenes
+
+    write_world_inputs(tmp_path, scenes("pipeline", 3, seed=0))
+    render_arrivals(tmp_path / "incoming", 4, 3, 0)
+    truth_log = [json.loads(line) for line in next((tmp_path / "incoming/.arrivals").glob("*.jsonl")).open()]
+    assert ingest_inputs(tmp_path / "incoming", tmp_path / "data/pool")["images"] == 4
+    cfg = PrepareInputs(source="folder", path=WORLD, texts_file="texts.jsonl", pool="data/pool")
+    kept, quarantined = prepare(iter_source(cfg, tmp_path), cfg)
+    assert not quarantined and len(kept) == 7
+    table = inputs_table(kept)
+    store.write_table(table, tmp_path / PATHS["inputs"], INPUTS_SCHEMA)
+
+    with pytest.raises(ValueError, match="no true scene"):
+        GroundTruth(ground_truth(tmp_path, WORLD), "i2t").score(table.column("input_id").to_pylist(),
+                                                               [None] * 7, ["-"] * 7)
+    truth = ground_truth(tmp_path, WORLD, "data/pool")
+    assert sorted(truth) == sorted(table.column("input_id").to_pylist())
+    by_file = {t["file"]: as_parsed(scene_from_record(t["objects"])) for t in truth_log}
+    pooled = [r for r in table.to_pylist() if r["source"].startswith("pool/")]
+    assert len(pooled) == 4
+    for row in pooled:
+        assert truth[row["input_id"]] == by_file[row["source"].split("/", 2)[2]]
+        assert GroundTruth(truth, "i2t").score([row["input_id"]], [None], [row["caption"]]).tolist() == [1.0]
 
 
 def test_ground_truth_params_are_checked():

@@ -73,9 +73,10 @@ def judged_by(kind: str) -> str:
     return "ground truth" if kind == GROUND_TRUTH else "model"
 
 
-def ground_truth(root: Path, folder: str) -> dict[str, Parsed]:
-    """input_id -> true objects, for the prepared inputs made from the sandbox input `folder` (relative to root)."""
-    return load_truth(Path(root) / folder, Path(root) / PATHS["inputs"])
+def ground_truth(root: Path, folder: str, pool: str | None = None) -> dict[str, Parsed]:
+    """input_id -> true objects, for the prepared inputs made from the sandbox input `folder` and from the arrivals in
+    the input `pool` (both relative to root)."""
+    return load_truth(Path(root) / folder, Path(root) / PATHS["inputs"], None if pool is None else Path(root) / pool)
 
 
 def make_evaluator(kind: str, task: str, verifiers, truth: Mapping[str, Parsed] | None) -> Evaluator:

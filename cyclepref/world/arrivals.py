@@ -3,7 +3,8 @@
 Scenes come from the `pipeline` part of the world (cyclepref.world.data: disjoint by construction from the frozen
 benchmark's and the world models' training scenes), drawn from a stream with a new seed, leaving out make_world's
 scenes and every earlier arrival. Each call writes `arrivals-<seed>/scene-<i>.png`, appends their rows (file, prompt =
-a paraphrase, caption = the canonical caption) to the watch folder's texts.jsonl, and records the ground truth in
+a paraphrase, caption = the canonical caption, objects = the true scene, which travels with the row into the pool for
+the ground-truth evaluators: cyclepref.world.truth) to the watch folder's texts.jsonl, and records the ground truth in
 `.arrivals/<seed>.jsonl` (which also tells the next call which seeds and scenes are taken).
 """
 
@@ -48,7 +49,7 @@ def render_arrivals(watch: Path, n: int, world_n: int, world_seed: int, seed: in
     for i, s in enumerate(drawn):
         name = f"{folder}/scene-{i:05d}.png"
         render(s).save(watch / name, format="PNG", optimize=False)
-        rows.append({"file": name, "prompt": paraphrase(s, rng), "caption": caption(s)})
+        rows.append({"file": name, "prompt": paraphrase(s, rng), "caption": caption(s), "objects": scene_record(s)})
         truth.append({"file": name, "objects": scene_record(s)})
     texts = watch / "texts.jsonl"
     before = texts.read_text() if texts.is_file() and not texts.is_symlink() else ""
