@@ -4,7 +4,9 @@ Each task runs `dvc repro --single-item <stage>` in its own process group, so a 
 group is killed) and its GPU memory is freed when the process exits. DVC decides whether a stage runs or is skipped
 as up to date; Prefect caching is off (the only cache is DVC's). Only transient failures are retried (timeouts,
 processes killed by a signal, DVC lock contention, connection errors); a failed data-quality gate, a config error,
-running out of memory and any other stage error fail the flow at once. MLflow lineage: see flows/lineage.py.
+running out of memory and any other stage error fail the flow at once. An interruption (SIGINT, SIGTERM, which is how
+Prefect's runner delivers a cancel) ends every running stage's process group, and no stage starts or is retried
+after it. MLflow lineage: see flows/lineage.py.
 
 Independent stages (the I2T and T2I branches, their gates) run concurrently up to CYCLEPREF_CONCURRENT_STAGES
 (flows/settings.py), each pinned to one of CYCLEPREF_STAGE_GPUS when given. Concurrent `dvc repro --single-item`
