@@ -13,8 +13,10 @@ and an edit to the pipeline's wiring never retrains the world models. The traine
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,14 +28,27 @@ DYNAMIC_IMPORTS = "cyclepref.world.train_{item}"
 OUT = Path("data/world/models")
 ALT = "alt"
 REPORT = Path("reports/world")
+RESUME = Path(".dvc/tmp/cyclepref/train_world")
+RESUMABLE = ("t2i",)
 
 
-def _train(model: str, cfg, seed: int, out: Path) -> dict[str, list[float]]:
+def resume_dir(root: Path, model: str, train) -> Path:
+    """Where a resumable trainer keeps its state: keyed by the params and by the source of what decides the
+    weights, so a changed config or trainer never continues another run's state."""
+    digest = hashlib.sha256(json.dumps([train.seed, getattr(train, model).model_dump()], sort_keys=True).encode())
+    package = Path(__file__).resolve().parents[1] / "cyclepref"
+    for src in (f"world/train_{model}.py", "world/optimise.py", "world/data.py", "world/scene.py",
+                "world/alttext.py", "models/tokenizers.py"):
+        digest.update((package / src).read_bytes())
+    return root / RESUME / f"{model}-{digest.hexdigest()[:16]}"
+
+
+def _train(model: str, cfg, seed: int, out: Path, resume: Path | None) -> dict[str, list[float]]:
     """Train `model` into out/; a judge (clip, blip) trained on alt-text goes to out/alt/."""
     trainer = importlib.import_module(DYNAMIC_IMPORTS.format(item=model))
     kw = dict(seed=seed, n_scenes=cfg.scenes, batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.steps)
     if model == "t2i":
-        return trainer.train(out, vae_steps=cfg.vae_steps, vae_lr=cfg.vae_lr, **kw)
+        return trainer.train(out, vae_steps=cfg.vae_steps, vae_lr=cfg.vae_lr, resume=resume, **kw)
     if model == "captioner":
         return {model: trainer.train(out, **kw)}
     curves = {}
@@ -55,8 +70,11 @@ def run(root: Path, model: str, params_file: str = "params.yaml") -> dict:
 
     torch.use_deterministic_algorithms(True)
     train = load_training(root / params_file)
+    resume = resume_dir(root, model, train) if model in RESUMABLE else None
     with atomic_dir(root / OUT / model) as tmp:
-        curves = _train(model, getattr(train, model), train.seed, tmp)
+        curves = _train(model, getattr(train, model), train.seed, tmp, resume)
+    if resume is not None:
+        shutil.rmtree(resume, ignore_errors=True)
     report = {name: curve_summary(c) for name, c in curves.items()}
     (root / REPORT).mkdir(parents=True, exist_ok=True)
     (root / REPORT / f"train_{model}.json").write_text(json.dumps(report, indent=2) + "\n")

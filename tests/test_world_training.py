@@ -102,3 +102,31 @@ def test_judges_trained_on_alt_text_go_beside_the_dense_ones(tmp_path, monkeypat
     cfg = WorldOneModelTraining(scenes=10, steps=1, texts=["dense", "alt"])
     curves = train_world._train("clip", cfg, 0, tmp_path / "clip")
     assert seen == [("clip", "dense"), ("clip/alt", "alt")] and set(curves) == {"clip", "clip-alt"}
+
+
+def test_a_killed_text_to_image_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    from cyclepref.world import optimise as loop
+
+    real = loop.optimise
+    kw = dict(vae_steps=4, steps=[4, 12], seed=0, n_scenes=40, batch_size=4, lr=1e-3, vae_lr=1e-3)
+
+    def often(params, steps, lr, step_loss, name, log=print, **k):
+        return real(params, steps, lr, step_loss, name, log, **k, **({"resume_every": 5} if name == "t2i" else {}))
+
+    def killed_at_7(params, steps, lr, step_loss, name, log=print, **k):
+        if name != "t2i":
+            return often(params, steps, lr, step_loss, name, log, **k)
+        often(params, 7, lr, step_loss, name, log, **k)
+        raise KeyboardInterrupt
+
+    train_t2i.train(tmp_path / "straight", log=lambda m: None, **kw)
+    resume, out = tmp_path / "resume", tmp_path / "resumed"
+    monkeypatch.setattr(train_t2i, "optimise", killed_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        train_t2i.train(out, log=lambda m: None, resume=resume, **kw)
+    assert (resume / "state.pt").exists() and (resume / "step-4").is_dir()
+    logged = []
+    monkeypatch.setattr(train_t2i, "optimise", often)
+    train_t2i.train(out, log=logged.append, resume=resume, **kw)
+    assert f"resumed from {resume / 'state.pt'} at step 5" in logged
+    assert _digests(out) == _digests(tmp_path / "straight") and len(_digests(out)) == 6

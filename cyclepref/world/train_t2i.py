@@ -4,11 +4,17 @@ An AutoencoderKL (32 px -> 16x16x4 latents) is trained first; then a UNet2DCondi
 schedule) and its CLIPTextModel are trained together on captions and paraphrases, with 10% empty prompts for
 classifier-free guidance. Checkpoints of that run at increasing steps form the ladder of text-to-image models.
 Everything is saved as a diffusers StableDiffusionPipeline, the class the paper profile's SD1.5 loads with.
+
+The run is resumable (`resume`, a directory the caller keys by everything that decides the weights): the loop's
+state is saved there every few hundred steps and the rungs already reached are kept there until the run ends, so a
+killed run started again continues where it stopped and saves the weights an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import shutil
 
 import numpy as np
 import torch
@@ -78,8 +84,9 @@ def save_pipeline(out: Path, vae, text_encoder, unet, scheduler, tokenizer) -> N
 
 
 def train(out: Path, vae_steps: int, steps: list[int], seed: int, n_scenes: int, batch_size: int, lr: float,
-          vae_lr: float, log=print) -> dict[str, list[float]]:
+          vae_lr: float, log=print, resume: Path | None = None) -> dict[str, list[float]]:
     """Train the VAE, then UNet + text encoder; save a pipeline at each step of `steps` to out/step-<k>."""
+    rungs = out if resume is None else resume
     examples = list(training_examples(n_scenes, seed))
     vae, text_encoder, unet, scheduler = build(seed)
     tokenizer = tk.build_clip_tokenizer()
@@ -115,10 +122,14 @@ def train(out: Path, vae_steps: int, steps: list[int], seed: int, n_scenes: int,
                                                                   *empty.flatten().tolist()])
             unet.eval()
             text_encoder.eval()
-            save_pipeline(out / f"step-{step}", vae, text_encoder, unet, scheduler, tokenizer)
+            save_pipeline(rungs / f"step-{step}", vae, text_encoder, unet, scheduler, tokenizer)
             unet.train()
             text_encoder.train()
 
     losses = optimise([*unet.parameters(), *text_encoder.parameters()], max(steps), lr, step_loss, "t2i", log,
-                      warmup=100, max_grad_norm=1.0, after_step=save)
+                      warmup=100, max_grad_norm=1.0, after_step=save,
+                      resume=None if resume is None else resume / "state.pt", rng=gen)
+    if resume is not None:
+        for step in steps:
+            shutil.move(resume / f"step-{step}", out / f"step-{step}")
     return {"vae": vae_losses, "t2i": losses}
