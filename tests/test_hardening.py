@@ -236,7 +236,7 @@ def test_profile_check_says_not_found_for_a_missing_local_model(project):
     (project / "models").mkdir()
     (project / "data/world/models/captioner").mkdir(parents=True)
     params = (project / "params.yaml").read_text()
-    params = params.replace("path: data/world/models/t2i/step-2000", "path: models/captioner-typo", 1)
+    params = params.replace("path: data/world/models/t2i/step-10000", "path: models/captioner-typo", 1)
     params = params.replace("path: data/world/models/captioner/step-800", "path: data/world/models/captioner/typo", 1)
     (project / "params.yaml").write_text(params)
     checked = CliRunner().invoke(app, ["profile", "check"])
@@ -248,7 +248,7 @@ def test_profile_check_says_not_found_for_a_missing_local_model(project):
 
 def test_a_hub_like_path_without_a_local_folder_is_named_both_ways(project):
     params = (project / "params.yaml").read_text()
-    (project / "params.yaml").write_text(params.replace("path: data/world/models/t2i/step-2000", "path: org/typo", 1))
+    (project / "params.yaml").write_text(params.replace("path: data/world/models/t2i/step-10000", "path: org/typo", 1))
     checked = CliRunner().invoke(app, ["profile", "check"])
     assert checked.exit_code == 2
     assert "hub model org/typo needs `revision" in checked.output and "org/typo not found" in checked.output
