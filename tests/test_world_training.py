@@ -100,7 +100,7 @@ def test_judges_trained_on_alt_text_go_beside_the_dense_ones(tmp_path, monkeypat
 
     monkeypatch.setattr(train_clip, "train", fake_train)
     cfg = WorldOneModelTraining(scenes=10, steps=1, texts=["dense", "alt"])
-    curves = train_world._train("clip", cfg, 0, tmp_path / "clip")
+    curves = train_world._train("clip", cfg, 0, tmp_path / "clip", None)
     assert seen == [("clip", "dense"), ("clip/alt", "alt")] and set(curves) == {"clip", "clip-alt"}
 
 
