@@ -108,7 +108,8 @@ def test_a_killed_text_to_image_run_resumes_to_the_weights_of_an_uninterrupted_o
     from cyclepref.world import optimise as loop
 
     real = loop.optimise
-    kw = dict(vae_steps=4, steps=[4, 12], seed=0, n_scenes=40, batch_size=4, lr=1e-3, vae_lr=1e-3)
+    kw = {"vae_steps": 4, "steps": [4, 12], "seed": 0, "n_scenes": 40, "batch_size": 4, "lr": 1e-3,
+          "vae_lr": 1e-3}
 
     def often(params, steps, lr, step_loss, name, log=print, **k):
         return real(params, steps, lr, step_loss, name, log, **k, **({"resume_every": 5} if name == "t2i" else {}))

@@ -12,9 +12,8 @@ killed run started again continues where it stopped and saves the weights an uni
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
