@@ -2,6 +2,8 @@
 #             (`cyclepref repro` = `dvc repro` + a parent run), then register the reward model it trained.
 # `make test`: create .venv, install, run the tests.
 # `make bench`: every CPU benchmark, five processes each (about 10 minutes) -> bench/results.json, bench/RESULTS.md.
+# `make scale`: the scale run (about two hours of CPU): configs/scale.yaml's pairs, then tasks.scale_ablation
+#               -> reports/scale/; the active profile and the workspace's outputs are restored afterwards.
 # `make clean`: remove the pipeline's outputs and work store, keeping the MLflow registry (mlflow.db, mlruns/).
 # `make clean-all`: `make clean`, and the MLflow registry with its runs, models and aliases.
 SHELL := /bin/bash
@@ -23,7 +25,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test install bench report clean clean-all
+.PHONY: run test install bench report scale clean clean-all
 
 run: $(STAMP)
 	cyclepref repro
@@ -45,6 +47,12 @@ $(STAMP): pyproject.toml
 
 bench: $(STAMP)
 	python bench/run_all.py
+
+scale: $(STAMP)
+	cp params.yaml .before-scale.params.yaml && cp dvc.lock .before-scale.dvc.lock
+	cyclepref profile use scale
+	dvc repro gate@pairs && python -m tasks.scale_ablation; status=$$?; \
+	  mv .before-scale.params.yaml params.yaml && mv .before-scale.dvc.lock dvc.lock && dvc checkout -q; exit $$status
 
 clean:
 	rm -rf data/world/inputs data/zoo data/prepared data/work data/i2t data/t2i data/pairs data/export data/reward data/downstream

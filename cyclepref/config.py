@@ -531,6 +531,39 @@ class EvaluateReward(Section):
         return self
 
 
+class ScaleAblation(Section):
+    """The paper's two data ablations on the sandbox (cyclepref.reward.scale, `make scale`): benchmark accuracy of
+    the reward model against the number of training pairs (nested subsets, drawn by input) and against the number of
+    candidate captioners (I2T pairs whose two captions both come from the first k captioners of `captioners`)."""
+
+    pairs: list[PositiveInt] = Field(min_length=2, description="Training pairs (I2T + T2I) of each combo run.")
+    include_all: bool = Field(True, description="Add a run on every training pair.")
+    captioners: list[str] = Field(
+        default_factory=list, description="Captioner names in the order they join the candidate pool.")
+    captioner_counts: list[PositiveInt] = Field(
+        default_factory=list, description="k for the I2T runs on the first k captioners' pairs.")
+    pair_budget: PositiveInt = Field(
+        description="Pairs shown per run: epochs = pair_budget / training pairs, clamped to [min_epochs, "
+        "max_epochs], so small sets are not starved of steps and large ones still see every pair twice.")
+    min_epochs: PositiveInt = 2
+    max_epochs: PositiveInt = 12
+    valid_pairs: PositiveInt = Field(description="Validation pairs per task (the first inputs of the seeded order).")
+    seed: NonNegativeInt = 0
+    benchmark: str = Field(min_length=1, description="The frozen benchmark (pairs.jsonl) every run is scored on.")
+    out: str = Field("reports/scale", description="Report directory (ablation.json, ablation.md, ablation.svg).")
+
+    @model_validator(mode="after")
+    def _captioners(self) -> ScaleAblation:
+        _require_unique(list(self.captioners), "scale_ablation.captioners")
+        too_many = [k for k in self.captioner_counts if k < 2 or k > len(self.captioners)]
+        if too_many:
+            raise ValueError(f"scale_ablation.captioner_counts {too_many}: each k needs 2 <= k <= "
+                             f"{len(self.captioners)} (the listed captioners)")
+        if self.min_epochs > self.max_epochs:
+            raise ValueError("scale_ablation: min_epochs > max_epochs")
+        return self
+
+
 DownstreamTask = Literal["i2t", "t2i"]
 ModelJudge = Literal["reward", "cycle", "clipscore"]
 VerifierKind = Literal["reward", "cycle", "clipscore", "random"]
@@ -844,6 +877,7 @@ class Params(Section):
     diffusion_dpo: DiffusionDpo | None = None
     evaluate_downstream: EvaluateDownstream | None = None
     retrain: Retrain | None = None
+    scale_ablation: ScaleAblation | None = None
     datasets: dict[str, DatasetPin] | None = None
 
     @model_validator(mode="after")

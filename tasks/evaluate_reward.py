@@ -33,16 +33,13 @@ def run(params: Params, root: Path) -> dict:
     import mlflow
 
     from cyclepref import runtime
-    from cyclepref.models.similarity import ImageEmbedder
     from cyclepref.reward.benchmarks import TASKS, load_benchmark, reference_accuracies, reference_markdown
     from cyclepref.reward.data import open_source
     from cyclepref.reward.evaluate import (
-        BackboneScorer,
-        ClipScorer,
-        RandomScorer,
         RewardScorer,
         evaluate_pairset,
         flat_metrics,
+        reference_scorers,
         report_markdown,
     )
     from cyclepref.reward.model import RewardModel
@@ -52,15 +49,7 @@ def run(params: Params, root: Path) -> dict:
     scorers = [
         RewardScorer(m.name, runtime.place(RewardModel.from_pretrained(root / m.path), "blip_itm", device, ("head",)))
         for m in cfg.models
-    ]
-    if cfg.clip is not None:
-        scorers.append(ClipScorer(ImageEmbedder(model_path(root, cfg.clip), device)))
-    for b in cfg.baselines:
-        if b.kind == "clip":
-            scorers.append(ClipScorer(ImageEmbedder(model_path(root, b.path), device), b.name))
-        else:
-            scorers.append(BackboneScorer(b.name, model_path(root, b.path), b.kind.removeprefix("blip_"), device))
-    scorers.append(RandomScorer(cfg.seed))
+    ] + reference_scorers(cfg, root, device)
 
     source = open_source(cfg.data, root)
     sections: dict[str, dict] = {}
@@ -116,11 +105,6 @@ def run(params: Params, root: Path) -> dict:
             if first["accuracy"] is not None:
                 summary[f"{section}_{task}_{cfg.models[0].name}_accuracy"] = round(first["accuracy"], 4)
     return summary
-
-
-def model_path(root: Path, path: str) -> str:
-    """A local model directory under the project root; a hub id (or an `hf-hub:` open_clip id) as it is."""
-    return str(root / path) if (root / path).exists() else path
 
 
 def metric_file(results: dict) -> dict:

@@ -18,6 +18,7 @@ from cyclepref.world.data import scenes
 from cyclepref.world.truth import load_truth
 
 JSON, MD, ASSETS = Path("reports/sandbox.json"), Path("reports/sandbox.md"), Path("reports/sandbox")
+SCALE = Path("reports/scale/ablation.json")
 BENCHMARK = "sandbox"
 
 
@@ -88,6 +89,7 @@ def build(params: Params, root: Path) -> tuple[dict, dict, dict]:
     return {
         "label_quality": rp.label_quality(*label_tables(root)),
         "t2i_text_metric": text_metric_ablation(params, root, f1["t2i"]),
+        "scale": _json(root / SCALE),
         "fit_to_teacher": {split: eval_report[split] for split in ("train", "valid", "test") if split in eval_report},
         "inputs_with_truth": len(truth),
         "agreement": {t: rp.agreement(by_task[t], f1[t]) for t in by_task},

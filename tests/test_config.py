@@ -9,7 +9,8 @@ from cyclepref.config import ParamsError, load_params, parse_params
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "configs/default.yaml", "configs/tiny.yaml", "configs/paper.yaml"])
+@pytest.mark.parametrize("path", ["params.yaml", "configs/default.yaml", "configs/tiny.yaml", "configs/paper.yaml",
+                                  "configs/scale.yaml"])
 def test_profiles_validate(path):
     params = load_params(ROOT / path)
     assert params.profile == ("default" if path == "params.yaml" else Path(path).stem)
@@ -19,6 +20,18 @@ def test_tiny_profile_keeps_the_default_world_models():
     default, tiny = load_params(ROOT / "configs/default.yaml"), load_params(ROOT / "configs/tiny.yaml")
     assert tiny.world.train == default.world.train
     assert default.prepare_inputs.path == default.world.inputs_dir == tiny.prepare_inputs.path
+
+
+def test_scale_profile_is_the_default_with_ten_times_the_inputs_and_its_ablations():
+    default = load_params(ROOT / "configs/default.yaml").model_dump()
+    scale = load_params(ROOT / "configs/scale.yaml").model_dump()
+    changed = {k for k in default.keys() | scale.keys() if default.get(k) != scale.get(k)}
+    assert changed == {"profile", "world", "build_pairs", "scale_ablation"}
+    assert scale["world"] == default["world"] | {"inputs": {"n": 10 * default["world"]["inputs"]["n"], "seed": 0}}
+    assert scale["build_pairs"] == default["build_pairs"] | {"split": scale["build_pairs"]["split"]}
+    captioners = [c["name"] for c in default["generate_i2t"]["captioners"]]
+    assert sorted(scale["scale_ablation"]["captioners"]) == sorted(captioners)
+    assert max(scale["scale_ablation"]["pairs"]) >= 10 * 2740 and min(scale["scale_ablation"]["pairs"]) <= 250
 
 
 def test_params_yaml_is_the_default_profile():
@@ -114,7 +127,7 @@ def test_profile_use_switches_and_validates(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert load_params(tmp_path / "params.yaml").profile == "paper"
     res = runner.invoke(app, ["profile", "use", "nonexistent"])
-    assert res.exit_code == 2 and "available: default, paper, tiny" in res.output
+    assert res.exit_code == 2 and "available: default, paper, scale, tiny" in res.output
     (tmp_path / "configs" / "broken.yaml").write_text("profile: broken\n")
     res = runner.invoke(app, ["profile", "use", "broken"])
     assert res.exit_code == 2 and "bootstrap_models: Field required" in res.output

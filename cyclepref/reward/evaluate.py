@@ -170,6 +170,27 @@ class RandomScorer(Scorer):
         return s[0], s[1]
 
 
+def model_path(root, path: str) -> str:
+    """A local model directory under the project root; a hub id (or an `hf-hub:` open_clip id) as it is."""
+    return str(root / path) if (root / path).exists() else path
+
+
+def reference_scorers(cfg, root, device: str) -> list[Scorer]:
+    """The zero-shot scorers of an EvaluateReward section `cfg`: CLIPScore, its baselines, then random."""
+    from cyclepref.models.similarity import ImageEmbedder
+
+    scorers: list[Scorer] = []
+    if cfg.clip is not None:
+        scorers.append(ClipScorer(ImageEmbedder(model_path(root, cfg.clip), device)))
+    for b in cfg.baselines:
+        if b.kind == "clip":
+            scorers.append(ClipScorer(ImageEmbedder(model_path(root, b.path), device), b.name))
+        else:
+            scorers.append(BackboneScorer(b.name, model_path(root, b.path), b.kind.removeprefix("blip_"), device))
+    scorers.append(RandomScorer(cfg.seed))
+    return scorers
+
+
 def pairset_scores(
     pairset: PairSet, scorers: Sequence[Scorer], batch_size: int
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:

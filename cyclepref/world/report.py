@@ -322,6 +322,7 @@ def markdown(report: dict, examples: list[str]) -> str:
               "matching head); rows ending in `-dense` are judges pretrained on the world's complete dense captions "
               "(what no web-trained judge sees), reported for comparison.", "", "![benchmark](sandbox/benchmark.png)", ""]
     lines += fit_markdown(report)
+    lines += scale_markdown(report)
     lines += ["", "## Ladders: ground-truth quality of each model", "",
               "| task | model | mean F1 of its candidates |", "|---|---|---|"]
     for task, models in report["ladder"].items():
@@ -334,6 +335,22 @@ def markdown(report: dict, examples: list[str]) -> str:
                                             for k in ("shape", "colour", "size", "position")) + ").", ""]
     lines += downstream_markdown(report)
     return "\n".join(lines + ["## Examples", "", *examples]) + "\n"
+
+
+def scale_markdown(report: dict) -> list[str]:
+    """The scale run's ablations (reports/scale, committed; `make scale`), or a line saying it has not run."""
+    from cyclepref.reward.scale import report_markdown
+
+    scale = report.get("scale")
+    head = ["", "## Data scale and captioner count (the scale run)", ""]
+    if not scale:
+        return head + ["Not run in this checkout: `make scale` (profile configs/scale.yaml) writes reports/scale/."]
+    return head + [
+        f"Profile `{scale['profile']}`: reward models trained on nested subsets of its training pairs (whole inputs "
+        "in a seeded order) and on the pairs of the first k candidate captioners, each scored on the frozen "
+        "benchmark above; references are the zero-shot scorers on the same pairs. Epochs per run: the pair budget "
+        "over the run's pairs, clamped to the profile's bounds (reports/scale/ablation.json).", "",
+        *report_markdown(scale).splitlines(), "", "![scale](scale/ablation.svg)"]
 
 
 def label_quality_markdown(report: dict) -> list[str]:
