@@ -142,7 +142,9 @@ def report_markdown(report: dict) -> str:
         n = r["train_pairs"]
         lines.append(f"| {sum(n.values())} ({n.get('i2t', 0)} + {n.get('t2i', 0)}) | {r['epochs']} | "
                      f"{_pct(r['benchmark'].get('i2t'))} | {_pct(r['benchmark'].get('t2i'))} |")
-    for name, by_task in report["references"].items():
+    refs = report["references"]
+    for name in sorted(refs, key=lambda n: (n not in PLOTTED, PLOTTED.index(n) if n in PLOTTED else 0, n)):
+        by_task = refs[name]
         lines.append(f"| reference: {name} | | {_pct(by_task.get('i2t'))} | {_pct(by_task.get('t2i'))} |")
     counts = [r for r in runs if r["axis"] == "captioners"]
     if counts:
@@ -178,7 +180,13 @@ def plot(report: dict, path) -> None:
     counted = [r for r in runs if r["axis"] == "captioners"]
     _series(axes[1], [r["value"] for r in counted], [r["benchmark"]["i2t"] for r in counted], colours["i2t"],
             "reward i2t")
-    axes[1].set(xlabel="candidate captioners", ylabel="benchmark I2T accuracy %")
+    for style, name in zip(("--", ":", "-."), PLOTTED, strict=True):
+        acc = refs.get(name, {}).get("i2t")
+        if acc:
+            axes[1].axhline(100 * acc["accuracy"], color=colours["i2t"], ls=style, lw=1, label=f"{name} i2t")
+    axes[1].set(xlabel="candidate captioners", ylabel="benchmark I2T accuracy %",
+                xticks=[r["value"] for r in counted])
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="svg", metadata={"Date": None})
     plt.close(fig)
