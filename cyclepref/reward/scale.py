@@ -13,6 +13,7 @@ import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -205,8 +206,6 @@ def _series(ax, x: list, accs: list, colour: str, label: str) -> None:
 
 def write_report(report: dict, out) -> list:
     """ablation.json, ablation.md and ablation.svg under `out`; their paths."""
-    from pathlib import Path
-
     from cyclepref import store
 
     out = Path(out)
