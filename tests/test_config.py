@@ -80,9 +80,10 @@ def test_missing_section_and_bad_literal_are_reported():
 
 def test_reward_head_init_is_validated():
     data = _default()
+    assert parse_params(data, "d.yaml").train_reward.model.head_init == "itm"
+    del data["train_reward"]["model"]["head_init"]
     assert parse_params(data, "d.yaml").train_reward.model.head_init == "random"
     data["train_reward"]["model"]["head_init"] = "itm"
-    assert parse_params(data, "d.yaml").train_reward.model.head_init == "itm"
     data["train_reward"]["model"]["head_widths"] = [16, 1]
     with pytest.raises(ParamsError, match="train_reward.model.*every head width must be >= 2"):
         parse_params(data, "d.yaml")
