@@ -2,7 +2,9 @@
 (raw cycle score, CLIPScore, random) on the test split per task and on every configured benchmark file.
 
 Outputs: reports/reward/eval.json (numbers only), reports/reward/eval.md (readable, with the notes on the baselines);
-both, plus the full report, in the stage's MLflow run; reports/metrics/evaluate_reward_<task>.json (DVC metric).
+reports/reward/paired.json: on every benchmark, each reward model against every other scorer on the same pairs (gain,
+95% paired bootstrap interval, McNemar p), also in eval.md; all of them, plus the full report, in the stage's MLflow
+run; reports/metrics/evaluate_reward_<task>.json (DVC metric).
 A benchmark with a ratings.jsonl beside its pairs (GenAI-Bench) also gets the reference metric of t2v_metrics
 (cyclepref.reward.benchmarks.tie_calibrated_accuracy) in eval.md and the MLflow run.
 """
@@ -14,6 +16,8 @@ from pathlib import Path
 from cyclepref import metrics, stage, store
 from cyclepref.config import Params, require
 from cyclepref.reward import REPORTS
+
+PAIRED = "reports/reward/paired.json"
 
 NOTES = {
     "accuracy": "share of pairs where the scorer ranks the preferred item higher; exact ties count one half; "
@@ -37,8 +41,11 @@ def run(params: Params, root: Path) -> dict:
     from cyclepref.reward.data import open_source
     from cyclepref.reward.evaluate import (
         RewardScorer,
-        evaluate_pairset,
         flat_metrics,
+        outcome_accuracy,
+        outcomes_by_scorer,
+        paired_gains,
+        paired_markdown,
         reference_scorers,
         report_markdown,
     )
@@ -66,14 +73,19 @@ def run(params: Params, root: Path) -> dict:
             ratings[bench.name] = (root / bench.path).with_name("ratings.jsonl")
 
     results: dict[str, dict] = {}
+    paired: dict[str, dict] = {}
+    benchmarks = {b.name for b in cfg.benchmarks}
     for section, pairsets in sections.items():
         results[section] = {}
         for task, pairset in pairsets.items():
-            accs = evaluate_pairset(pairset, scorers, cfg.batch_size)
+            outcomes = outcomes_by_scorer(pairset, scorers, cfg.batch_size)
             results[section][task] = {
                 "pairs": len(pairset),
-                "scores": {name: (a.as_dict() if a is not None else None) for name, a in accs.items()},
+                "scores": {name: None if o is None else outcome_accuracy(o).as_dict() for name, o in outcomes.items()},
             }
+            if section in benchmarks:
+                paired.setdefault(section, {})[task] = paired_gains(outcomes, [m.name for m in cfg.models],
+                                                                    seed=cfg.seed)
     reference = {name: reference_accuracies(path, scorers, cfg.batch_size) for name, path in ratings.items()}
     report = {
         "results": results,
@@ -84,19 +96,21 @@ def run(params: Params, root: Path) -> dict:
                           "comparison: accuracy there is fit to the teacher); others = benchmark files"},
     }
     store.write_json(metric_file(results), root / REPORTS["eval"])
+    store.write_json(paired, root / PAIRED)
     models = [m.name for m in cfg.models]
     # The split's labels come from the cycle score, so raw cycle is 100% there by construction: not a baseline.
     headline = metrics.evaluate_reward(results.get(cfg.split, {}), models[0], [*models, "cycle"])
     metrics.write_parts(root, "evaluate_reward", headline, metrics.TASKS)
     md = root / REPORTS["eval_md"]
     with store.atomic_path(md) as tmp:
-        tmp.write_text(report_markdown(report) + reference_markdown(reference))
+        tmp.write_text(report_markdown(report) + paired_markdown(paired) + reference_markdown(reference))
     if mlflow.active_run() is not None:
         mlflow.log_metrics(flat_metrics(report))
         mlflow.log_metrics({f"{bench}.t2i_reference.{name}.pairwise_acc_tie_calibrated": r[
             "pairwise_acc_tie_calibrated"] for bench, by_scorer in reference.items() for name, r in by_scorer.items()})
         mlflow.log_dict(report, "eval_report.json")
         mlflow.log_artifact(str(md))
+        mlflow.log_artifact(str(root / PAIRED))
     summary: dict = {}
     for section, tasks in results.items():
         for task, res in tasks.items():

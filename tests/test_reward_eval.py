@@ -27,6 +27,8 @@ from cyclepref.reward.evaluate import (
     evaluate_pairset,
     flat_metrics,
     pair_outcomes,
+    paired_gains,
+    paired_markdown,
     pairset_outcomes,
     pairwise_accuracy,
     report_markdown,
@@ -260,3 +262,22 @@ def test_backbone_zero_shot_scores_are_the_itm_margin_and_the_itc_cosine(zoo):
     assert itc.score(t2i)[0].shape == (3,)
     with pytest.raises(ValueError, match="itm' or 'itc"):
         BackboneScorer("x", path, "cosine")
+
+
+def test_paired_gains_compare_each_model_with_every_other_scorer_on_the_same_pairs():
+    outcomes = {
+        "model": np.array([1, 1, 1, 1, 0, 1, 1, 0.5, 1, 1], dtype=float),
+        "other": np.array([0, 1, 0, 1, 0, 0, 1, 0.5, 1, 0], dtype=float),
+        "same": np.array([1, 1, 1, 1, 0, 1, 1, 0.5, 1, 1], dtype=float),
+        "cycle": None,
+    }
+    gains = paired_gains(outcomes, ["model"], n_boot=2000)
+    assert set(gains) == {"model"} and set(gains["model"]) == {"other", "same"}
+    other = gains["model"]["other"]
+    assert other["gain"] == pytest.approx(0.4) and other["n"] == 10
+    assert 0.0 < other["ci95_low"] < 0.4 < other["ci95_high"] <= 0.7
+    assert other["mcnemar_p"] == pytest.approx(2 * 1 / 16)
+    same = gains["model"]["same"]
+    assert same["gain"] == same["ci95_low"] == same["ci95_high"] == 0.0 and same["mcnemar_p"] == 1.0
+    md = paired_markdown({"bench": {"i2t": gains}})
+    assert "## bench / i2t: paired comparisons" in md and "| model | other | +40.00 |" in md

@@ -126,6 +126,14 @@ def test_stages_train_evaluate_log_and_score_from_the_registry(zoo, mlflow_uri, 
     assert colours["i2t"]["pairs"] == colours["t2i"]["pairs"] == 4
     assert 0.0 <= colours["t2i"]["combo"]["ci95_low"] <= colours["t2i"]["combo"]["accuracy"]
     assert "label-agreement reference" in (root / REPORTS["eval_md"]).read_text()
+    paired = json.loads((root / evaluate_reward.PAIRED).read_text())
+    assert set(paired) == {"colours"} and set(paired["colours"]) == {"i2t", "t2i"}
+    against = paired["colours"]["t2i"]["combo"]
+    assert set(against) == {"clipscore", "backbone-itm", "random", "cycle"}
+    for other, g in against.items():
+        assert g["n"] == 4 and g["ci95_low"] <= g["gain"] <= g["ci95_high"]
+        assert g["gain"] == pytest.approx(colours["t2i"]["combo"]["accuracy"] - colours["t2i"][other]["accuracy"])
+    assert "## colours / t2i: paired comparisons" in (root / REPORTS["eval_md"]).read_text()
     eval_run = client.get_run(ev["mlflow_run_id"])
     assert "test.t2i.combo.accuracy" in eval_run.data.metrics
     assert "colours.t2i_reference.combo.pairwise_acc_tie_calibrated" in eval_run.data.metrics

@@ -55,7 +55,11 @@ def pair_outcomes(chosen: Sequence[float], rejected: Sequence[float]) -> np.ndar
 
 
 def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> Accuracy:
-    outcomes = pair_outcomes(chosen, rejected)
+    return outcome_accuracy(pair_outcomes(chosen, rejected))
+
+
+def outcome_accuracy(outcomes: np.ndarray) -> Accuracy:
+    """The accuracy of per-pair outcomes (1 right, 0 wrong, 0.5 tie) with its Wilson interval."""
     n = int(outcomes.size)
     if n == 0:
         return Accuracy(None, None, None, 0, 0)
@@ -216,13 +220,59 @@ def pairset_outcomes(pairset: PairSet, scorer: Scorer, batch_size: int) -> np.nd
     return pair_outcomes(*pairset_scores(pairset, [scorer], batch_size)[scorer.name])
 
 
+def outcomes_by_scorer(pairset: PairSet, scorers: Sequence[Scorer], batch_size: int) -> dict[str, np.ndarray | None]:
+    """Every scorer's per-pair outcomes in pair order, and the raw cycle score's as `cycle` (None when the set has
+    no cycle scores)."""
+    out: dict[str, np.ndarray | None] = {
+        name: pair_outcomes(ch, rj) for name, (ch, rj) in pairset_scores(pairset, scorers, batch_size).items()
+    }
+    cycle = pairset.cycle_scores()
+    out["cycle"] = pair_outcomes(*cycle) if cycle is not None else None
+    return out
+
+
 def evaluate_pairset(pairset: PairSet, scorers: Sequence[Scorer], batch_size: int) -> dict[str, Accuracy | None]:
     """Every scorer's pairwise accuracy on every pair; `cycle` is None when the set has no cycle scores."""
-    scores = pairset_scores(pairset, scorers, batch_size)
-    out: dict[str, Accuracy | None] = {name: pairwise_accuracy(ch, rj) for name, (ch, rj) in scores.items()}
-    cycle = pairset.cycle_scores()
-    out["cycle"] = pairwise_accuracy(*cycle) if cycle is not None else None
+    return {name: None if o is None else outcome_accuracy(o)
+            for name, o in outcomes_by_scorer(pairset, scorers, batch_size).items()}
+
+
+def paired_gains(outcomes: dict[str, np.ndarray | None], models: Sequence[str], n_boot: int = 10000,
+                 seed: int = 0) -> dict[str, dict[str, dict]]:
+    """Each model against every other scorer on the same pairs: the accuracy gain (model minus other), its 95% paired
+    bootstrap interval (the same resampled pairs for both) and the exact McNemar p-value."""
+    from cyclepref.stats import mcnemar_p, paired_bootstrap
+
+    out: dict[str, dict[str, dict]] = {}
+    for model in models:
+        own = outcomes[model]
+        for other, theirs in outcomes.items():
+            if other == model or theirs is None or own is None or own.size == 0:
+                continue
+            gain, low, high = paired_bootstrap(own, theirs, n_boot, seed)
+            out.setdefault(model, {})[other] = {"gain": gain, "ci95_low": low, "ci95_high": high,
+                                                "mcnemar_p": mcnemar_p(own, theirs), "n": int(own.size)}
     return out
+
+
+PAIRED_NOTE = ("Accuracy gain of the model over the other scorer on the same pairs (points), 95% paired bootstrap "
+               "interval, exact McNemar p-value.")
+
+
+def paired_markdown(paired: dict) -> str:
+    """The paired comparisons as Markdown tables, one per benchmark and task."""
+    lines = []
+    for section, tasks in paired.items():
+        for task, by_model in tasks.items():
+            lines += [f"## {section} / {task}: paired comparisons", "",
+                      PAIRED_NOTE, "",
+                      "| model | against | gain | 95% CI | McNemar p |", "|---|---|---|---|---|"]
+            for model, against in by_model.items():
+                for other, g in against.items():
+                    lines.append(f"| {model} | {other} | {100 * g['gain']:+.2f} | {100 * g['ci95_low']:+.2f} to "
+                                 f"{100 * g['ci95_high']:+.2f} | {g['mcnemar_p']:.3g} |")
+            lines.append("")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def report_markdown(report: dict) -> str:

@@ -8,7 +8,7 @@ references (backbone ITC / ITM, CLIPScore, random, raw cycle) the same way.
 
     python reports/experiments/reward_settings/sweep.py refs
     python reports/experiments/reward_settings/sweep.py NAME [head_init=itm] [lr=3e-4] [fix_rate=0.7] [epochs=20]
-        [combo_ratio=2] [t2i_gap=0.04]
+        [combo_ratio=2] [patience=10] [t2i_gap=0.04]
 
 Run from the project root after `make run` (it reads data/pairs and the candidate tables); each run writes
 OUT/NAME.json (OUT: $SWEEP_OUT, default data/work/reward_settings). `t2i_gap` drops T2I train and valid pairs whose
@@ -108,6 +108,8 @@ def train_and_score(name: str, kv: dict, f1, bench) -> dict:
         update["epochs"] = int(kv["epochs"])
     if "combo_ratio" in kv:
         update["combo_ratio"] = float(kv["combo_ratio"])
+    if "patience" in kv:
+        update["patience"] = int(kv["patience"])
     source = Gap(PAIRS, float(kv["t2i_gap"])) if "t2i_gap" in kv else PAIRS
     start = time.time()
     trained = train_variant("combo", cfg.model_copy(update=update), source, OUT / name / "model", OUT / name / "work",
