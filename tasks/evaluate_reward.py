@@ -3,7 +3,7 @@
 
 Outputs: reports/reward/eval.json (numbers only), reports/reward/eval.md (readable, with the notes on the baselines);
 reports/reward/paired.json: on every benchmark, each reward model against every other scorer on the same pairs (gain,
-95% paired bootstrap interval, McNemar p), also in eval.md; all of them, plus the full report, in the stage's MLflow
+95% paired bootstrap interval, McNemar p) per task and over both tasks pooled, also in eval.md; all of them, plus the full report, in the stage's MLflow
 run; reports/metrics/evaluate_reward_<task>.json (DVC metric).
 A benchmark with a ratings.jsonl beside its pairs (GenAI-Bench) also gets the reference metric of t2v_metrics
 (cyclepref.reward.benchmarks.tie_calibrated_accuracy) in eval.md and the MLflow run.
@@ -46,6 +46,7 @@ def run(params: Params, root: Path) -> dict:
         outcomes_by_scorer,
         paired_gains,
         paired_markdown,
+        pooled,
         reference_scorers,
         report_markdown,
     )
@@ -73,8 +74,7 @@ def run(params: Params, root: Path) -> dict:
             ratings[bench.name] = (root / bench.path).with_name("ratings.jsonl")
 
     results: dict[str, dict] = {}
-    paired: dict[str, dict] = {}
-    benchmarks = {b.name for b in cfg.benchmarks}
+    by_task: dict[str, dict] = {b.name: {} for b in cfg.benchmarks}
     for section, pairsets in sections.items():
         results[section] = {}
         for task, pairset in pairsets.items():
@@ -83,9 +83,14 @@ def run(params: Params, root: Path) -> dict:
                 "pairs": len(pairset),
                 "scores": {name: None if o is None else outcome_accuracy(o).as_dict() for name, o in outcomes.items()},
             }
-            if section in benchmarks:
-                paired.setdefault(section, {})[task] = paired_gains(outcomes, [m.name for m in cfg.models],
-                                                                    seed=cfg.seed)
+            if section in by_task:
+                by_task[section][task] = outcomes
+    models = [m.name for m in cfg.models]
+    paired = {section: {task: paired_gains(o, models, seed=cfg.seed) for task, o in tasks.items()}
+              for section, tasks in by_task.items()}
+    for section, tasks in by_task.items():
+        if len(tasks) > 1:
+            paired[section]["both"] = paired_gains(pooled(tasks), models, seed=cfg.seed)
     reference = {name: reference_accuracies(path, scorers, cfg.batch_size) for name, path in ratings.items()}
     report = {
         "results": results,
@@ -97,7 +102,6 @@ def run(params: Params, root: Path) -> dict:
     }
     store.write_json(metric_file(results), root / REPORTS["eval"])
     store.write_json(paired, root / PAIRED)
-    models = [m.name for m in cfg.models]
     # The split's labels come from the cycle score, so raw cycle is 100% there by construction: not a baseline.
     headline = metrics.evaluate_reward(results.get(cfg.split, {}), models[0], [*models, "cycle"])
     metrics.write_parts(root, "evaluate_reward", headline, metrics.TASKS)

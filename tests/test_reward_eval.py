@@ -31,6 +31,7 @@ from cyclepref.reward.evaluate import (
     paired_markdown,
     pairset_outcomes,
     pairwise_accuracy,
+    pooled,
     report_markdown,
     wilson,
 )
@@ -281,3 +282,11 @@ def test_paired_gains_compare_each_model_with_every_other_scorer_on_the_same_pai
     assert same["gain"] == same["ci95_low"] == same["ci95_high"] == 0.0 and same["mcnemar_p"] == 1.0
     md = paired_markdown({"bench": {"i2t": gains}})
     assert "## bench / i2t: paired comparisons" in md and "| model | other | +40.00 |" in md
+
+
+def test_pooled_outcomes_put_the_tasks_one_after_the_other_and_drop_scorers_missing_anywhere():
+    by_task = {"i2t": {"m": np.array([1.0, 0.0]), "cycle": np.array([1.0, 1.0]), "only_i2t": np.array([1.0, 1.0])},
+               "t2i": {"m": np.array([0.5]), "cycle": None}}
+    out = pooled(by_task)
+    assert set(out) == {"m", "cycle"} and out["cycle"] is None
+    assert out["m"].tolist() == [1.0, 0.0, 0.5]

@@ -127,7 +127,10 @@ def test_stages_train_evaluate_log_and_score_from_the_registry(zoo, mlflow_uri, 
     assert 0.0 <= colours["t2i"]["combo"]["ci95_low"] <= colours["t2i"]["combo"]["accuracy"]
     assert "label-agreement reference" in (root / REPORTS["eval_md"]).read_text()
     paired = json.loads((root / evaluate_reward.PAIRED).read_text())
-    assert set(paired) == {"colours"} and set(paired["colours"]) == {"i2t", "t2i"}
+    assert set(paired) == {"colours"} and set(paired["colours"]) == {"i2t", "t2i", "both"}
+    both = paired["colours"]["both"]["combo"]["random"]
+    accuracy = {t: colours[t]["combo"]["accuracy"] - colours[t]["random"]["accuracy"] for t in ("i2t", "t2i")}
+    assert both["n"] == 8 and both["gain"] == pytest.approx((accuracy["i2t"] + accuracy["t2i"]) / 2)
     against = paired["colours"]["t2i"]["combo"]
     assert set(against) == {"clipscore", "backbone-itm", "random", "cycle"}
     for other, g in against.items():

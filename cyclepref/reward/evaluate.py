@@ -246,13 +246,22 @@ def paired_gains(outcomes: dict[str, np.ndarray | None], models: Sequence[str], 
     out: dict[str, dict[str, dict]] = {}
     for model in models:
         own = outcomes[model]
+        if own is None or own.size == 0:
+            continue
         for other, theirs in outcomes.items():
-            if other == model or theirs is None or own is None or own.size == 0:
-                continue
-            gain, low, high = paired_bootstrap(own, theirs, n_boot, seed)
-            out.setdefault(model, {})[other] = {"gain": gain, "ci95_low": low, "ci95_high": high,
-                                                "mcnemar_p": mcnemar_p(own, theirs), "n": int(own.size)}
+            if other != model and theirs is not None:
+                gain, low, high = paired_bootstrap(own, theirs, n_boot, seed)
+                out.setdefault(model, {})[other] = {"gain": gain, "ci95_low": low, "ci95_high": high,
+                                                    "mcnemar_p": mcnemar_p(own, theirs), "n": int(own.size)}
     return out
+
+
+def pooled(by_task: dict[str, dict[str, np.ndarray | None]]) -> dict[str, np.ndarray | None]:
+    """The outcomes of every task one after the other (tasks in the given order), per scorer; None for a scorer that
+    lacks outcomes on any task. Retraining's floor compares a Combo model over both tasks this way."""
+    names = set.intersection(*(set(o) for o in by_task.values()))
+    return {n: None if any(o[n] is None for o in by_task.values()) else np.concatenate([o[n] for o in by_task.values()])
+            for n in sorted(names)}
 
 
 PAIRED_NOTE = ("Accuracy gain of the model over the other scorer on the same pairs (points), 95% paired bootstrap "

@@ -7,6 +7,7 @@ whose candidates tie on F1 are left out). The frozen benchmark is scored too, an
 references (backbone ITC / ITM, CLIPScore, random, raw cycle) the same way.
 
     python reports/experiments/reward_settings/sweep.py refs
+    python reports/experiments/reward_settings/sweep.py gaps     # cycle-label agreement by near-tie gap, no training
     python reports/experiments/reward_settings/sweep.py NAME [head_init=itm] [lr=3e-4] [fix_rate=0.7] [epochs=20]
         [combo_ratio=2] [patience=10] [t2i_gap=0.04]
 
@@ -97,6 +98,26 @@ def references(f1, bench) -> dict:
     return res
 
 
+def label_agreement_by_gap(f1, gaps=(0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08)) -> dict:
+    """Per task and gap: the share of all pipeline pairs (every split) with margin >= gap whose preferred candidate
+    also has the higher ground-truth F1 (F1 ties left out), and how many pairs the gap keeps."""
+    from cyclepref import store
+
+    rows = store.read_table(root / tables.PATHS["pairs"], tables.PAIRS).to_pylist()
+    out: dict = {}
+    for task in ("i2t", "t2i"):
+        mine = [r for r in rows if r["task"] == task]
+        a = np.array([f1[task].get(r["preferred_id"], np.nan) for r in mine])
+        b = np.array([f1[task].get(r["rejected_id"], np.nan) for r in mine])
+        margin = np.array([r["margin"] for r in mine])
+        decided = np.isfinite(a) & np.isfinite(b) & (np.abs(a - b) > 1e-9)
+        for gap in gaps:
+            keep = margin >= gap
+            out.setdefault(task, {})[str(gap)] = {"agreement": float((a > b)[decided & keep].mean()),
+                                                  "decided": int((decided & keep).sum()), "pairs": int(keep.sum())}
+    return out
+
+
 def train_and_score(name: str, kv: dict, f1, bench) -> dict:
     cfg = params.train_reward
     model = cfg.model.model_copy(update={k: float(v) if k == "fix_rate" else v
@@ -122,7 +143,10 @@ def train_and_score(name: str, kv: dict, f1, bench) -> dict:
 def main() -> None:
     name, kv = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:])
     f1, bench = ground_truth_f1(), load_benchmark(root / "data/benchmarks/sandbox/pairs.jsonl")
-    res = references(f1, bench) if name == "refs" else train_and_score(name, kv, f1, bench)
+    if name == "gaps":
+        res = label_agreement_by_gap(f1)
+    else:
+        res = references(f1, bench) if name == "refs" else train_and_score(name, kv, f1, bench)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
