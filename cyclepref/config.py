@@ -841,6 +841,20 @@ class Retrain(Section):
         "cyclepref.downstream.policy_bench): every scene's image is captioned and its prompt rendered, each judged "
         "by attribute F1 against the scene. Required when `policies` is not empty.",
     )
+    stages: list[str] = Field(
+        default_factory=list,
+        description="The DVC stages a round runs, with everything upstream of them (`dvc repro STAGE...`): what its "
+        "decisions need. Must name train_reward, every policy's stage and every stage of `adapters`. Empty: the whole pipeline. The stages left "
+        "out (reports, Best-of-N) stay stale until the next `cyclepref pipeline`.",
+    )
+
+    @model_validator(mode="after")
+    def _round_stages(self) -> Retrain:
+        needed = ["train_reward", *(p.stage for p in self.policies.values()), *self.adapters]
+        missing = [s for s in needed if self.stages and s not in self.stages]
+        if missing:
+            raise ValueError(f"retrain.stages leaves out {', '.join(missing)}, which the round's decisions need")
+        return self
 
     @model_validator(mode="after")
     def _policies(self) -> Retrain:

@@ -132,9 +132,12 @@ def stage_order(root: Path) -> list[str]:
     return stage_plan(root)[0]
 
 
-def stage_plan(root: Path, status: bool = False) -> tuple[list[str], dict[str, list[str]]] | tuple:
+def stage_plan(
+    root: Path, status: bool = False, targets: list[str] | None = None
+) -> tuple[list[str], dict[str, list[str]]] | tuple:
     """(the stages in `dvc repro` order, each stage's direct upstream stages) from DVC's own graph; with `status`,
-    also the stages DVC would skip now (one in-process `dvc status` on the same index)."""
+    also the stages DVC would skip now (one in-process `dvc status` on the same index). `targets`: only these
+    stages and everything upstream of them (`dvc repro TARGET...`); None: the whole pipeline."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
@@ -142,7 +145,8 @@ def stage_plan(root: Path, status: bool = False) -> tuple[list[str], dict[str, l
     try:
         with Repo(str(root)) as repo:
             graph = get_active_graph(repo.index.graph)
-            planned = plan_repro(graph, collect_stages(repo, [str(root / "dvc.yaml")]))
+            names = [f"{root / 'dvc.yaml'}:{t}" for t in targets] if targets else [str(root / "dvc.yaml")]
+            planned = plan_repro(graph, collect_stages(repo, names))
             upstream = {_address(s): sorted(_address(u) for u in graph.successors(s)) for s in planned}
             order = [_address(s) for s in planned]
             if not status:
@@ -541,13 +545,15 @@ def pipeline(
     stage_timeout_s: float | None = None,
     stage_retries: int | None = None,
     retry_delay_s: float | None = None,
+    targets: list[str] | None = None,
 ) -> PipelineResult:
-    """Run every DVC stage of `root` in dependency order; one MLflow parent run, one child per stage."""
+    """Run every DVC stage of `root` in dependency order (with `targets`: those stages and their upstream only); one
+    MLflow parent run, one child per stage."""
     from prefect.runtime import flow_run
 
     path = Path(root).resolve()
     STOPPING.clear()
-    stages, upstream, fresh = stage_plan(path, status=True)
+    stages, upstream, fresh = stage_plan(path, status=True, targets=targets)
     profile = read_profile(path)
     preflight(path)
     timeout = settings.stage_timeout_s() if stage_timeout_s is None else stage_timeout_s
@@ -576,5 +582,6 @@ def pipeline(
     result.outcomes = scheduler.outcomes()
     lineage.finish_pipeline_run(client, parent, path, failed=False)
     publish(result, path, client)
-    uptodate.remember(path, parent, "cyclepref pipeline", client.tracking_uri, len(stages))
+    if not targets:
+        uptodate.remember(path, parent, "cyclepref pipeline", client.tracking_uri, len(stages))
     return result

@@ -48,7 +48,7 @@ from prefect.cache_policies import NO_CACHE
 from cyclepref.ingest import ingest_inputs
 from cyclepref.stats import mcnemar_p, paired_bootstrap
 from flows import lineage
-from flows.pipeline import PipelineResult, pipeline
+from flows.pipeline import PipelineResult, pipeline, stage_plan
 from flows.pool import data_version, refuse_stage_outputs, round_lock, stop_on_signals, track_batches
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
@@ -745,6 +745,8 @@ def run_round(path: Path, ingest: bool, trigger: str, stage_timeout_s, stage_ret
                           policy_champions or "none")
     pool = params.prepare_inputs.pool
     refuse_stage_outputs(path, params)
+    if cfg.stages:
+        stage_plan(path, targets=cfg.stages)
     started_from = materialise_champions(client, path, params, policy_champions)
     ingested: dict[str, int] = {}
     if ingest and cfg.watch_dir:
@@ -754,7 +756,7 @@ def run_round(path: Path, ingest: bool, trigger: str, stage_timeout_s, stage_ret
         track_batches(path, path / pool)
     result = pipeline(
         root=str(path), trigger=trigger, stage_timeout_s=stage_timeout_s, stage_retries=stage_retries,
-        retry_delay_s=retry_delay_s,
+        retry_delay_s=retry_delay_s, targets=cfg.stages or None,
     )
     out = promote_task(result, str(path), champion)
     out.policies = policies_task(result, str(path), policy_champions, started_from)

@@ -101,9 +101,9 @@ def command_project(
     return init_repo(path)
 
 
-def repro_order(path: Path) -> list[str]:
-    """The stages a plain `dvc repro` runs, in the order it runs them (all of them in a never-run project)."""
+def repro_order(path: Path, *targets: str) -> list[str]:
+    """The stages `dvc repro [TARGET...]` runs, in the order it runs them (all of them in a never-run project)."""
     out = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro"], cwd=path, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "dvc", "repro", *targets], cwd=path, capture_output=True, text=True, check=True
     ).stdout
     return re.findall(r"^Running stage '(.+)':", out, flags=re.MULTILINE)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from flow_projects import ROOT, command_project, inputs_project
 from mlflow import MlflowClient
 from test_flows_rounds import WORLD_N, pool_images, prepared_sources, sandbox
@@ -398,16 +399,34 @@ def sandbox_project(prefect_api, mlflow_uri, tmp_path, monkeypatch):
     return sandbox(tmp_path / "sandbox")
 
 
+def with_report_stage(project: Path) -> None:
+    """A stage downstream of train_reward, as the reports are, that a round with `retrain.stages` leaves out."""
+    (project / "report.py").write_text("import shutil\n\nshutil.copy('trained_on.json', 'report.json')\n")
+    dvc_yaml = yaml.safe_load((project / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["report"] = {"cmd": "python report.py", "deps": ["report.py", "trained_on.json"],
+                                    "outs": ["report.json"]}
+    (project / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+
+
 @pytest.mark.slow
 def test_two_rounds_keep_every_ingested_input_and_record_their_data_version(sandbox_project, mlflow_uri):
     project = sandbox_project
     client = MlflowClient(mlflow_uri)
     render_arrivals(project / "incoming", 3, WORLD_N, 0)
+    with_report_stage(project)
     first = retrain(root=str(project), trigger="test", stage_retries=0)
     assert first.ingested == {"images": 3, "texts": 3, "quarantined": 0}
     render_arrivals(project / "incoming", 2, WORLD_N, 0)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["retrain"]["stages"] = ["train_reward"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = retrain(root=str(project), trigger="test", stage_retries=0)
     assert second.ingested == {"images": 2, "texts": 2, "quarantined": 0}
+    planned = [client.get_run(r.pipeline_run_id).data.tags["cyclepref.stages"].split(",") for r in (first, second)]
+    assert planned[0][-2:] == ["train_reward", "report"] and "report" not in planned[1]
+    assert "train_reward" in planned[1]
+    record = json.loads((project / uptodate.RECORD).read_text())
+    assert record["parent_run_id"] == first.pipeline_run_id
 
     batches = sorted(p.name for p in (project / "data/pool").iterdir() if p.is_dir())
     assert len(batches) == 2 and all((project / "data/pool" / f"{b}.dvc").exists() for b in batches)
@@ -416,6 +435,7 @@ def test_two_rounds_keep_every_ingested_input_and_record_their_data_version(sand
     sources = prepared_sources(project)
     assert len(sources) == WORLD_N + 5 and set(pooled) <= set(sources)
     assert json.loads((project / "trained_on.json").read_text()) == sources
+    assert len(json.loads((project / "report.json").read_text())) == WORLD_N + 3
 
     lock = lineage.lock_entries(project)
     [pool_dep] = [d for d in lock["prepare_inputs"]["deps"] if d["path"] == "data/pool"]

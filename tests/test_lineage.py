@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from flow_projects import ROOT, command_project, repro_order
 
 from flows import lineage
-from flows.pipeline import stage_order
+from flows.pipeline import ConfigError, stage_order, stage_plan
 
 DIAMOND = {
     "report": {"cmd": "cat b.txt c.txt > report.txt", "deps": ["b.txt", "c.txt"], "outs": ["report.txt"]},
@@ -34,6 +35,25 @@ def test_stage_order_equals_the_order_dvc_repro_runs(tmp_path):
     assert stage_order(project) == order
     assert sorted(order) == ["a", "b", "c", "check@x", "check@y", "report"]
     assert order.index("a") < order.index("b") < order.index("check@x")
+
+
+def test_targets_plan_only_those_stages_and_their_upstream_in_dvc_order(tmp_path):
+    project = command_project(tmp_path / "diamond", DIAMOND)
+    order, upstream = stage_plan(project, targets=["c", "check@x"])
+    assert order == repro_order(project, "c", "check@x") and sorted(order) == ["a", "b", "c", "check@x"]
+    assert upstream["check@x"] == ["b"] and upstream["c"] == ["a"]
+    with pytest.raises(ConfigError, match="nope"):
+        stage_plan(project, targets=["nope"])
+
+
+def test_a_retrain_round_of_this_repository_leaves_out_only_reports():
+    from cyclepref.config import load_params
+
+    stages = load_params(ROOT / "params.yaml").retrain.stages
+    planned = stage_plan(ROOT, targets=stages)[0]
+    assert set(stages) <= set(planned) and {"build_pairs", "prepare_inputs"} <= set(planned)
+    assert sorted(set(stage_order(ROOT)) - set(planned)) == [
+        "best_of_n", "evaluate_downstream", "evaluate_reward", "sandbox_report"]
 
 
 def test_stage_order_of_this_repository_follows_its_dvc_graph():

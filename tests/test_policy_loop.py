@@ -176,7 +176,8 @@ def test_the_rounds_report_carries_the_policies_and_renders_rows_without_them(lo
     assert second.endswith("kept |")
 
 
-def test_policies_need_a_benchmark_their_own_models_and_a_champion_folder_outside_stage_outputs(tmp_path):
+def test_policies_need_a_benchmark_their_own_models_their_stages_in_the_round_and_a_champion_folder_outside_stage_outputs(
+        tmp_path):
     from cyclepref.config import ParamsError
     from cyclepref.profiles import ingest_targets_in_outputs
 
@@ -187,6 +188,8 @@ def test_policies_need_a_benchmark_their_own_models_and_a_champion_folder_outsid
         (lambda r: r["retrain"]["policies"]["t2i"].update(stage="dpo_vlm"), "one policy per stage"),
         (lambda r: r["retrain"]["policies"]["t2i"].update(registered_model="cyclereward"), "its own registered"),
         (lambda r: r["dpo_vlm"].pop("init_adapter"), "stage dpo_vlm needs its section with init_adapter"),
+        (lambda r: r["retrain"]["stages"].remove("diffusion_dpo"), "stages leaves out diffusion_dpo, which the round"),
+        (lambda r: r["retrain"].update(stages=["dpo_vlm", "diffusion_dpo"]), "leaves out train_reward"),
     ):
         bad = json.loads(json.dumps(raw))
         change(bad)
