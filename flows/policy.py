@@ -40,6 +40,7 @@ from flows.retrain import (
     alias_version,
     apply_decision,
     benchmark_digest,
+    compare,
     decide,
     logged_models,
     mean_or_none,
@@ -151,23 +152,27 @@ def challenge_policy(client, params, root: Path, name: str, challenger: str, cha
     """Step 3: challenger against the champion (the base model without one) on the benchmark; decide; aliases."""
     cfg, policy = params.retrain, params.retrain.policies[name]
     bench = root / cfg.policy_benchmark
-    challenger_out = champion_out = None
+    challenger_out = champion_out = base_out = None
     if challenger == champion:
         decision = Decision(False, f"version {challenger} is already the champion (the stage did not rerun)")
     elif not bench.exists():
         decision = decide(None, None, cfg.margin, False)
     else:
-        champion_out, challenger_out = score(client, policy, base_spec(params, policy.stage), [champion, challenger],
-                                             bench, evaluate)
+        versions = [champion, challenger] + ([None] if champion is not None else [])
+        outs = score(client, policy, base_spec(params, policy.stage), versions, bench, evaluate)
+        champion_out, challenger_out = outs[:2]
+        base_out = outs[2] if champion is not None else champion_out
         decision = decide(challenger_out, champion_out, cfg.margin, True, cfg.confidence, cfg.bootstrap_samples)
         if champion is None:
             decision = Decision(decision.promote, f"against the base model: {decision.reason}", decision.comparison)
     decision = apply_decision(client, policy.registered_model, challenger, champion, decision)
+    kept = challenger_out if decision.promote else champion_out
     return RetrainResult(
         round_id, policy.registered_model, challenger, champion, mean_or_none(challenger_out),
         mean_or_none(champion_out), cfg.policy_benchmark, decision,
         pairs=0 if challenger_out is None else len(challenger_out), benchmark_digest=benchmark_digest(bench),
-        metric=METRIC,
+        metric=METRIC, versus_base=None if kept is None or kept is base_out else compare(
+            kept, base_out, cfg.confidence, cfg.bootstrap_samples),
     )
 
 
@@ -207,13 +212,16 @@ def decision_table(reward: RetrainResult | None, policies: dict[str, RetrainResu
         return "n/a" if x is None else f"{100 * x:.2f}%"
 
     lines = ["| model | registered model | challenger | champion before | metric | challenger | champion | "
-             "gain [interval] (points) | promoted |", "|---|---|---|---|---|---|---|---|---|"]
+             "gain [interval] (points) | promoted | champion after vs base (points) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     rows = ([("reward", reward)] if reward else []) + list(policies.items())
     for label, r in rows:
         c = r.decision.comparison
         gain = "n/a" if c is None else f"{100 * c.gain:+.2f} [{100 * c.low:+.2f}, {100 * c.high:+.2f}]"
         before = r.champion_version or ("base" if r.metric == METRIC else "none")
+        v = r.versus_base
+        base = "n/a" if v is None else f"{100 * v.gain:+.2f} [{100 * v.low:+.2f}, {100 * v.high:+.2f}]"
         lines.append(f"| {label} | {r.registered_model} | {r.challenger_version} | {before} | {r.metric} | "
                      f"{pct(r.challenger_accuracy)} | {pct(r.champion_accuracy)} | {gain} | "
-                     f"{'yes' if r.decision.promote else 'no'} |")
+                     f"{'yes' if r.decision.promote else 'no'} | {base} |")
     return "\n".join(lines) + "\n"

@@ -170,6 +170,7 @@ class RetrainResult:
     seconds: float = 0.0
     metric: str = "accuracy"
     policies: dict[str, RetrainResult] = field(default_factory=dict)
+    versus_base: Comparison | None = None
 
 
 # ---------------------------------------------------------------- registry
@@ -437,12 +438,15 @@ def mean_or_none(outcomes: np.ndarray | None) -> float | None:
 
 def decision_tags(r: RetrainResult) -> dict[str, str]:
     """What a decision records on the challenger's model version (and, as retrain.*, on the parent run)."""
-    c = r.decision.comparison
+    c, v = r.decision.comparison, r.versus_base
 
     def number(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.6f}"
 
-    return {
+    base = {} if v is None else {"cyclepref.versus_base_gain": number(v.gain),
+                                 "cyclepref.versus_base_low": number(v.low),
+                                 "cyclepref.versus_base_high": number(v.high)}
+    return base | {
         "cyclepref.decision": "promoted" if r.decision.promote else "kept",
         "cyclepref.decision_reason": r.decision.reason,
         "cyclepref.champion_before": r.champion_version or "none",
@@ -644,6 +648,10 @@ def decision_row(r: RetrainResult) -> dict:
         "accuracy": r.challenger_accuracy, "champion_accuracy": r.champion_accuracy,
         "gain": getattr(c, "gain", None), "low": getattr(c, "low", None), "high": getattr(c, "high", None),
         "pairs": r.pairs, "promoted": r.decision.promote, "reason": r.decision.reason,
+        "versus_base": None if r.versus_base is None else {
+            "champion": r.challenger_version if r.decision.promote else r.champion_version,
+            "f1": r.versus_base.challenger, "base": r.versus_base.champion, "gain": r.versus_base.gain,
+            "low": r.versus_base.low, "high": r.versus_base.high},
     }
 
 
@@ -667,6 +675,13 @@ def _pts(x) -> str:
     return "n/a" if x is None else f"{100 * x:+.2f}"
 
 
+def versus_base_text(v: dict | None) -> str:
+    if v is None:
+        return ""
+    return (f" (champion v{v['champion']} vs base: {_pct(v['f1'])} vs {_pct(v['base'])}, {_pts(v['gain'])} "
+            f"[{_pts(v['low'])}, {_pts(v['high'])}])")
+
+
 def policy_cell(row: dict) -> str:
     """A round's policy decisions in one cell: name, challenger, metric vs champion (base), gain, promoted."""
     parts = []
@@ -675,6 +690,7 @@ def policy_cell(row: dict) -> str:
             f"{name} v{p['challenger']} {p['metric']} {_pct(p['accuracy'])} vs "
             f"{'v' + p['champion_before'] if p['champion_before'] else 'base'} {_pct(p['champion_accuracy'])}: "
             f"{_pts(p['gain'])} [{_pts(p['low'])}, {_pts(p['high'])}] {'promoted' if p['promoted'] else 'kept'}"
+            + (versus_base_text(p.get("versus_base")) if p["champion_before"] else "")
         )
     return "; ".join(parts) or "none"
 

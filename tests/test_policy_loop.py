@@ -109,6 +109,7 @@ def test_first_round_compares_each_policy_with_its_base_model_and_promotes_only_
     assert cap.decision.promote and "against the base model" in cap.decision.reason
     assert cap.challenger_accuracy == pytest.approx(np.mean(_f1(80))) and cap.champion_version is None
     assert not t2i.decision.promote and "worse" in t2i.decision.reason
+    assert cap.versus_base.gain == cap.decision.comparison.gain and t2i.versus_base is None
     assert loop.aliases("captioner") == {CHAMPION: "1", CHALLENGER: "1"}
     assert loop.aliases("t2i") == {CHALLENGER: "1"}
     version = loop.client.get_model_version("cyclepref-captioner", "1").tags
@@ -119,6 +120,7 @@ def test_first_round_compares_each_policy_with_its_base_model_and_promotes_only_
     assert tags["retrain.captioner.challenger_version"] == "1" and "retrain.decision" not in tags
     table = decision_table(None, first["out"])
     assert "| captioner | cyclepref-captioner | 1 | base | F1 | 84.00% | 60.00% | +24.00" in table and table.count("| no |") == 1
+    assert table.splitlines()[-1].endswith("| no | n/a |")
 
 
 def test_a_champion_set_as_the_ui_sets_it_is_what_the_next_round_trains_from_and_compares_against(loop):
@@ -136,10 +138,15 @@ def test_a_champion_set_as_the_ui_sets_it_is_what_the_next_round_trains_from_and
                                                                   "version": "1"}
     assert (folder.parent / "adapter.dvc").exists() and (loop.root / INIT["diffusion_dpo"] / "label").read_text() \
         == "adapter-4"
-    assert loop.compared == [("dpo_vlm", ["adapter-1", "adapter-5"]), ("diffusion_dpo", ["adapter-4", "adapter-6"])]
+    assert loop.compared == [("dpo_vlm", ["adapter-1", "adapter-5", "base"]),
+                             ("diffusion_dpo", ["adapter-4", "adapter-6", "base"])]
     cap, t2i = third["out"]["captioner"], third["out"]["t2i"]
     assert cap.champion_version == "1" and cap.champion_accuracy == pytest.approx(np.mean(_f1(70)))
     assert cap.decision.promote and not t2i.decision.promote
+    assert cap.versus_base.gain == pytest.approx(np.mean(_f1(85)) - np.mean(BASE)) and cap.versus_base.low > 0
+    assert t2i.versus_base.challenger == pytest.approx(np.mean(_f1(95)))
+    tags = loop.client.get_run(third["run"]).data.tags
+    assert float(tags["retrain.captioner.versus_base_gain"]) == pytest.approx(0.8 * 35 / SCENES)
     assert loop.aliases("captioner") == {CHAMPION: "3", CHALLENGER: "3", PREVIOUS: "1"}
     assert loop.client.get_model_version("cyclepref-captioner", "3").tags["cyclepref.started_from"] == \
         "cyclepref-captioner version 1"
@@ -148,6 +155,8 @@ def test_a_champion_set_as_the_ui_sets_it_is_what_the_next_round_trains_from_and
     fourth = loop.round(captioner=_f1(85), t2i=_f1(60))
     assert fourth["started"]["t2i"] == "base" and not (loop.root / INIT["diffusion_dpo"]).exists()
     assert loop.compared[-1] == ("diffusion_dpo", ["base", "adapter-8"])
+    t2i = fourth["out"]["t2i"]
+    assert t2i.decision.promote and t2i.versus_base == t2i.decision.comparison
 
 
 def test_an_alias_a_person_moves_during_the_round_is_left_where_they_put_it(loop):
@@ -173,7 +182,12 @@ def test_the_rounds_report_carries_the_policies_and_renders_rows_without_them(lo
     first, second = text.splitlines()[-2:]
     assert first.endswith("| yes | none |")
     assert "captioner v1 F1 84.00% vs base 60.00%: +24.00" in second and "promoted; t2i v1" in second
-    assert second.endswith("kept |")
+    assert second.endswith("kept |") and "vs base:" not in second
+    kept = RetrainResult("r2", "cyclereward", "5", "4", 0.8, 0.8, "b.jsonl", Decision(False, "tie"),
+                         policies=loop.round(captioner=_f1(60), t2i=_f1(49))["out"])
+    text = rounds_markdown([round_row(kept, "manual", "2025-01-02T00:00:00Z", 1.0, {})])
+    assert "captioner v2 F1 68.00% vs v1 84.00%: -16.00" in text
+    assert "kept (champion v1 vs base: 84.00% vs 60.00%, +24.00 [" in text
 
 
 def test_policies_need_a_benchmark_their_own_models_their_stages_in_the_round_and_a_champion_folder_outside_stage_outputs(
