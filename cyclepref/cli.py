@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -228,6 +230,21 @@ def _project(root: Path) -> Path:
     return root
 
 
+@contextmanager
+def _sigterm_exits():
+    """SIGTERM ends the command with SystemExit(143) instead of killing it: exit handlers run, and Prefect stops the
+    temporary API server it started for the flow (a process the signal kills leaves that server running)."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _flow_failed(err: Exception) -> typer.Exit:
     from flows.pipeline import ConfigError
 
@@ -258,7 +275,8 @@ def pipeline_cmd(
     from flows.pipeline import pipeline
 
     try:
-        result = pipeline(root=str(root), trigger="cli", stage_timeout_s=timeout_s, stage_retries=retries)
+        with _sigterm_exits():
+            result = pipeline(root=str(root), trigger="cli", stage_timeout_s=timeout_s, stage_retries=retries)
     except Exception as err:
         raise _flow_failed(err) from None
     for o in result.outcomes:
@@ -382,7 +400,9 @@ def retrain_cmd(
     from flows.retrain import retrain
 
     try:
-        out = retrain(root=str(root), ingest=ingest, trigger="cli", stage_timeout_s=timeout_s, stage_retries=retries)
+        with _sigterm_exits():
+            out = retrain(root=str(root), ingest=ingest, trigger="cli", stage_timeout_s=timeout_s,
+                          stage_retries=retries)
     except Exception as err:
         raise _flow_failed(err) from None
     verdict = "promoted" if out.decision.promote else "kept champion"

@@ -844,8 +844,8 @@ class Retrain(Section):
     stages: list[str] = Field(
         default_factory=list,
         description="The DVC stages a round runs, with everything upstream of them (`dvc repro STAGE...`): what its "
-        "decisions need. Must name train_reward, every policy's stage and every stage of `adapters`. Empty: the whole pipeline. The stages left "
-        "out (reports, Best-of-N) stay stale until the next `cyclepref pipeline`.",
+        "decisions need. Must name train_reward, every policy's stage and every stage of `adapters`. Empty: the "
+        "whole pipeline. The stages left out (reports, Best-of-N) stay stale until the next `cyclepref pipeline`.",
     )
 
     @model_validator(mode="after")

@@ -130,7 +130,8 @@ def register_policy(client, result: PipelineResult, params, name: str, started: 
     policy = params.retrain.policies[name]
     run_id = producer_run(result, policy.stage)
     base = base_spec(params, policy.stage)
-    tags = {"cyclepref.policy": name, "cyclepref.stage": policy.stage, "cyclepref.pipeline_run_id": result.parent_run_id,
+    tags = {"cyclepref.policy": name, "cyclepref.stage": policy.stage,
+            "cyclepref.pipeline_run_id": result.parent_run_id,
             "cyclepref.base_model": f"{base.name} ({base.path})", "cyclepref.started_from": started,
             "cyclepref.dvc_stage_hash": result.outcome(policy.stage).lock_hash or "unknown"}
     return str(register(client, policy.registered_model, adapter_model(client, run_id, policy.stage), tags).version)

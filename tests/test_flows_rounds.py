@@ -183,11 +183,39 @@ def test_a_signal_ends_the_stage_processes_and_releases_the_dvc_lock_in_seconds(
     proc.send_signal(sig)
     proc.wait(timeout=20)
     assert time.monotonic() - sent < 10
-    stray = subprocess.run(["pgrep", "-f", "time.sleep\\(120\\)"], capture_output=True, text=True).stdout.split()
-    assert [p for p in stray if Path(f"/proc/{p}/cwd").resolve() == project] == []
+    assert processes_in(project, "time.sleep\\(120\\)") == []
     free = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True,
                           timeout=30)
     assert free.returncode == 0, free.stderr
+
+
+def processes_in(folder: Path, pattern: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return [p for p in found if Path(f"/proc/{p}/cwd").resolve() == folder]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_cli_flow_ends_its_stages_and_its_temporary_prefect_server(tmp_path):
+    from flow_projects import command_project
+
+    stage = {"slow": {"cmd": "python -c \"import time, pathlib; pathlib.Path('started').touch(); time.sleep(120)\"",
+                      "outs": ["never.txt"]}}
+    project = command_project(tmp_path / "p", stage)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect"),
+            "CYCLEPREF_MLFLOW_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.Popen([sys.executable, "-m", "cyclepref.cli", "pipeline", "--root", str(project)], cwd=project,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (project / "started").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    assert processes_in(project, "prefect.server.api.server:create_app")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    time.sleep(1)
+    assert processes_in(project, "time.sleep\\(120\\)") == []
+    assert processes_in(project, "prefect.server.api.server:create_app") == []
 
 
 def test_make_runs_registration_takes_the_champion_decision(mlflow_uri, tmp_path, monkeypatch):
