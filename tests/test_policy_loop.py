@@ -215,3 +215,20 @@ def test_policies_need_a_benchmark_their_own_models_round_stages_and_a_champion_
     assert found == [f"dpo_vlm.init_adapter = data/downstream/dpo_vlm/adapter overlaps data/downstream/dpo_vlm, an "
                      "output of stage dpo_vlm: a DVC checkout would delete what is ingested there; use a folder no "
                      "stage writes (e.g. data/pool)"]
+
+
+def test_the_committed_rounds_never_let_a_champion_get_worse():
+    """reports/retrain_rounds.json (the committed sandbox run): at least three rounds of 120 arrivals; every promotion
+    has its paired interval above 0; each model's champion score never falls from round to round."""
+    rows = json.loads((ROOT / "reports/retrain_rounds.json").read_text())
+    assert sum(r["ingested"].get("images", 0) == 120 for r in rows) >= 3
+    champions: dict[str, float] = {}
+    for row in rows:
+        for name, d in [("reward", row["reward"]), *row["policies"].items()]:
+            if d["promoted"]:
+                assert d["low"] > 0 and d["accuracy"] >= champions.get(name, 0.0), (name, d)
+                champions[name] = d["accuracy"]
+            elif d["champion_before"] is not None:
+                assert d["champion_accuracy"] == pytest.approx(champions[name]), (name, d)
+    captioner = rows[-1]["policies"]["captioner"]["versus_base"]
+    assert captioner["low"] > 0
