@@ -1,6 +1,7 @@
 """Retraining rounds on a shrunk sandbox (issue 20): arrivals land in the DVC-tracked pool, reach prepared inputs and
 the next stage of the round, survive every DVC checkout, and each round records its data version; the profile check
-refuses a retrain target inside a stage output; two rounds never run at once; a signal ends a round's stages."""
+refuses a retrain target inside a stage output; two rounds never run at once; a signal ends a round's stages (and
+the temporary Prefect server of a CLI flow)."""
 
 from __future__ import annotations
 
@@ -195,27 +196,32 @@ def processes_in(folder: Path, pattern: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_cli_flow_ends_its_stages_and_its_temporary_prefect_server(tmp_path):
+def test_sigterm_to_a_cli_flow_ends_its_stages_and_its_temporary_prefect_server(tmp_path, mlflow_uri):
     from flow_projects import command_project
 
     stage = {"slow": {"cmd": "python -c \"import time, pathlib; pathlib.Path('started').touch(); time.sleep(120)\"",
                       "outs": ["never.txt"]}}
     project = command_project(tmp_path / "p", stage)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect"),
-            "CYCLEPREF_MLFLOW_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect"), "CYCLEPREF_MLFLOW_URI": mlflow_uri}
+    server = "prefect.server.api.server:create_app"
     proc = subprocess.Popen([sys.executable, "-m", "cyclepref.cli", "pipeline", "--root", str(project)], cwd=project,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not (project / "started").exists():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.2)
-    assert processes_in(project, "prefect.server.api.server:create_app")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
-    time.sleep(1)
-    assert processes_in(project, "time.sleep\\(120\\)") == []
-    assert processes_in(project, "prefect.server.api.server:create_app") == []
+    try:
+        deadline = time.monotonic() + 240
+        while not (project / "started").exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        assert processes_in(project, server)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        time.sleep(1)
+        assert processes_in(project, "time.sleep\\(120\\)") == []
+        assert processes_in(project, server) == []
+    finally:
+        proc.kill()
+        for pid in processes_in(project, server) + processes_in(project, "time.sleep\\(120\\)"):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 def test_make_runs_registration_takes_the_champion_decision(mlflow_uri, tmp_path, monkeypatch):
