@@ -3,8 +3,8 @@
 
 Outputs: reports/reward/eval.json (numbers only), reports/reward/eval.md (readable, with the notes on the baselines);
 reports/reward/paired.json: on every benchmark, each reward model against every other scorer on the same pairs (gain,
-95% paired bootstrap interval, McNemar p) per task and over both tasks pooled, also in eval.md; all of them, plus the full report, in the stage's MLflow
-run; reports/metrics/evaluate_reward_<task>.json (DVC metric).
+95% paired bootstrap interval, McNemar p) per task and over both tasks pooled, also in eval.md; all of them, plus the
+full report, in the stage's MLflow run; reports/metrics/evaluate_reward_<task>.json (DVC metric).
 A benchmark with a ratings.jsonl beside its pairs (GenAI-Bench) also gets the reference metric of t2v_metrics
 (cyclepref.reward.benchmarks.tie_calibrated_accuracy) in eval.md and the MLflow run.
 """

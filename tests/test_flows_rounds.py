@@ -52,7 +52,8 @@ WORLD_N = 6
 
 def sandbox(path: Path) -> Path:
     """make_world (real, 6 scenes) -> prepare_inputs (real, the world's scenes and the pool) -> gate@inputs (real) ->
-    train_reward (reads the prepared inputs, behind their gate); the retrain watch folder is `incoming`, the pool data/pool as in the default profile."""
+    train_reward (reads the prepared inputs, behind their gate); the retrain watch folder is `incoming`, the pool
+    data/pool as in the default profile."""
     params = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
     keep = {k: params[k] for k in ("world", "prepare_inputs")}
     keep["gates"] = {"inputs": params["gates"]["inputs"]}
@@ -66,7 +67,8 @@ def sandbox(path: Path) -> Path:
                            "deps": ["${prepare_inputs.path}", "${prepare_inputs.pool}"], "outs": ["data/prepared"]},
         "gate": {"foreach": {"inputs": {"table": "data/prepared"}},
                  "do": {"cmd": "python -m tasks.gate ${key}", "deps": ["${item.table}"], "params": ["gates.${key}"],
-                        "outs": [{"reports/dq/${key}.json": {"cache": False}}, {"reports/dq/${key}.md": {"cache": False}}],
+                        "outs": [{"reports/dq/${key}.json": {"cache": False}},
+                                 {"reports/dq/${key}.md": {"cache": False}}],
                         "metrics": [{"reports/metrics/gate_${key}.json": {"cache": False}}]}},
         "train_reward": {"cmd": "python train.py", "deps": ["train.py", "data/prepared", "reports/dq/inputs.json"],
                          "outs": ["trained_on.json"]},
